@@ -1,0 +1,3 @@
+//! Getting approved content to the PIM: exports (JSONL, CSV).
+
+pub mod export;

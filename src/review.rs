@@ -1,0 +1,377 @@
+//! The human approval workflow: the draft state machine and the review actions (approve,
+//! edit then approve, reject with a reason, regenerate with feedback).
+//!
+//! ```text
+//! pending_review  --approve-->  approved
+//!        |        --reject--->  rejected            (reason required)
+//!        |        --regenerate-> changes_requested  (a new draft is queued, linked)
+//! needs_attention --edit (checks pass)--> pending_review --> ...
+//!                 --approve with an edit that passes the checks--> approved
+//! ```
+//! Every change goes through an optimistic revision check: two reviewers acting on the
+//! same draft cannot silently overwrite each other (the second gets a conflict).
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    channel::{Channel, Channels, FieldDefKind},
+    checks::{self, FieldValue, Fields, Finding},
+    store::{
+        self,
+        approved::{ApprovedContent, NewVersion},
+        drafts::{Draft, ReviewUpdate},
+        Db, StoreError,
+    },
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DraftStatus {
+    /// Passed every error-level check; waiting for a reviewer.
+    PendingReview,
+    /// Failed checks that repair could not fix; needs an edit or a regeneration.
+    NeedsAttention,
+    Approved,
+    Rejected,
+    /// A reviewer asked for a new version (regenerate with feedback).
+    ChangesRequested,
+}
+
+impl DraftStatus {
+    pub const ALL: [DraftStatus; 5] = [
+        DraftStatus::PendingReview,
+        DraftStatus::NeedsAttention,
+        DraftStatus::Approved,
+        DraftStatus::Rejected,
+        DraftStatus::ChangesRequested,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DraftStatus::PendingReview => "pending_review",
+            DraftStatus::NeedsAttention => "needs_attention",
+            DraftStatus::Approved => "approved",
+            DraftStatus::Rejected => "rejected",
+            DraftStatus::ChangesRequested => "changes_requested",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
+    /// Whether a reviewer can still act on a draft in this state.
+    pub fn is_open(self) -> bool {
+        matches!(
+            self,
+            DraftStatus::PendingReview | DraftStatus::NeedsAttention
+        )
+    }
+}
+
+impl std::fmt::Display for DraftStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The action does not fit the draft's state, or another reviewer changed it first.
+    #[error("{0}")]
+    Conflict(String),
+    /// The request itself is wrong (missing reason, edit that fails the checks, ...).
+    #[error("{field}: {message}")]
+    Invalid {
+        field: String,
+        message: String,
+        findings: Vec<Finding>,
+    },
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for ReviewError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(what) => ReviewError::NotFound(what),
+            StoreError::Conflict(m) => ReviewError::Conflict(m),
+            e if e.is_unique_violation() => ReviewError::Conflict(
+                "another approval of the same product and channel happened at the same time; try again".into(),
+            ),
+            e => ReviewError::Store(e),
+        }
+    }
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ReviewError {
+    ReviewError::Invalid {
+        field: field.into(),
+        message: message.into(),
+        findings: Vec::new(),
+    }
+}
+
+/// Who acts, and on which revision of the draft they looked at.
+#[derive(Debug, Clone)]
+pub struct Actor<'a> {
+    pub name: &'a str,
+    /// The revision the reviewer saw; `None` means "the current one".
+    pub expected_revision: Option<i64>,
+}
+
+async fn load_open(db: &Db, draft_id: &str, action: &str) -> Result<Draft, ReviewError> {
+    let d = store::drafts::get(db, draft_id).await?;
+    if !d.status.is_open() {
+        return Err(ReviewError::Conflict(format!(
+            "draft {draft_id} is {}; only pending_review or needs_attention drafts can be {action}",
+            d.status
+        )));
+    }
+    Ok(d)
+}
+
+fn expected(d: &Draft, actor: &Actor<'_>) -> Result<i64, ReviewError> {
+    match actor.expected_revision {
+        Some(r) if r != d.revision => Err(ReviewError::Conflict(format!(
+            "draft {} is at revision {}, you acted on revision {r}; reload it and try again",
+            d.id, d.revision
+        ))),
+        _ => Ok(d.revision),
+    }
+}
+
+/// Checks an edit: same fields as the channel, right shapes, and the channel's checks.
+/// Returns the findings (warnings allowed, errors refused).
+pub fn check_edit(
+    channel: &Channel,
+    spec: &crate::spec::ProductSpec,
+    edit: &Fields,
+) -> Result<Vec<Finding>, ReviewError> {
+    for name in edit.keys() {
+        if channel.field(name).is_none() {
+            return Err(invalid(
+                &format!("fields.{name}"),
+                format!("channel `{}` has no field `{name}`", channel.name),
+            ));
+        }
+    }
+    for def in &channel.fields {
+        match (def.kind, edit.get(&def.name)) {
+            (_, None) => {
+                return Err(invalid(
+                    &format!("fields.{}", def.name),
+                    "is missing (an edit gives every field)",
+                ))
+            }
+            (FieldDefKind::Text, Some(FieldValue::List(_))) => {
+                return Err(invalid(&format!("fields.{}", def.name), "must be a string"))
+            }
+            (FieldDefKind::List, Some(FieldValue::Text(_))) => {
+                return Err(invalid(
+                    &format!("fields.{}", def.name),
+                    "must be a list of strings",
+                ))
+            }
+            _ => {}
+        }
+    }
+    let findings = checks::check(channel, spec, edit);
+    if checks::has_errors(&findings) {
+        let first = findings
+            .iter()
+            .find(|f| f.severity == checks::Severity::Error)
+            .map(|f| format!("{}: {}", f.field, f.message))
+            .unwrap_or_default();
+        return Err(ReviewError::Invalid {
+            field: "fields".into(),
+            message: format!("the edit fails the channel's checks ({first})"),
+            findings,
+        });
+    }
+    Ok(findings)
+}
+
+/// Approves a draft, optionally with an edit (edit-then-approve keeps both texts). The new
+/// approved version is written in the same transaction as the draft's state.
+pub async fn approve(
+    db: &Db,
+    channels: &Channels,
+    draft_id: &str,
+    edit: Option<&Fields>,
+    actor: &Actor<'_>,
+) -> Result<ApprovedContent, ReviewError> {
+    let d = load_open(db, draft_id, "approved").await?;
+    let rev = expected(&d, actor)?;
+    let channel = channels
+        .get(&d.channel)
+        .map_err(|e| ReviewError::Conflict(e.to_string()))?;
+    // The text to approve: this call's edit, else an earlier saved edit, else the generated copy.
+    let (approved_fields, findings) = match edit.or(d.edited_fields.as_ref()) {
+        Some(edit) => {
+            let spec = store::tasks::spec_of(db, &d.spec_id).await?;
+            (edit.clone(), Some(check_edit(channel, &spec, edit)?))
+        }
+        None => {
+            if d.status == DraftStatus::NeedsAttention {
+                return Err(invalid(
+                    "fields",
+                    "this draft failed its checks; edit it (or regenerate it) before approving",
+                ));
+            }
+            (d.fields.clone(), None)
+        }
+    };
+    let mut tx = db.begin().await?;
+    store::drafts::update_review(
+        &mut tx,
+        &d.id,
+        rev,
+        &ReviewUpdate {
+            status: DraftStatus::Approved,
+            edited_fields: edit,
+            findings: findings.as_deref(),
+            reviewed_by: actor.name,
+            reject_reason: None,
+        },
+    )
+    .await?;
+    let content = store::approved::insert_version(
+        &mut tx,
+        &NewVersion {
+            product_id: &d.product_id,
+            channel: &d.channel,
+            draft_id: &d.id,
+            fields: &approved_fields,
+            generated_fields: &d.fields,
+            provenance: &d.provenance,
+            approved_by: actor.name,
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(draft_id = %d.id, product_id = %d.product_id, channel = %d.channel, version = content.version, "draft approved");
+    Ok(content)
+}
+
+/// Rejects a draft; a reason is required.
+pub async fn reject(
+    db: &Db,
+    draft_id: &str,
+    reason: &str,
+    actor: &Actor<'_>,
+) -> Result<Draft, ReviewError> {
+    let reason = reason.trim();
+    if reason.is_empty() {
+        return Err(invalid("reason", "is required to reject a draft"));
+    }
+    let d = load_open(db, draft_id, "rejected").await?;
+    let rev = expected(&d, actor)?;
+    let mut tx = db.begin().await?;
+    store::drafts::update_review(
+        &mut tx,
+        &d.id,
+        rev,
+        &ReviewUpdate {
+            status: DraftStatus::Rejected,
+            edited_fields: None,
+            findings: None,
+            reviewed_by: actor.name,
+            reject_reason: Some(reason),
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(store::drafts::get(db, draft_id).await?)
+}
+
+/// Saves an edit without approving it. The draft's findings are recomputed for the edited
+/// text; a draft that needed attention becomes pending review when the edit passes.
+pub async fn save_edit(
+    db: &Db,
+    channels: &Channels,
+    draft_id: &str,
+    edit: &Fields,
+    actor: &Actor<'_>,
+) -> Result<Draft, ReviewError> {
+    let d = load_open(db, draft_id, "edited").await?;
+    let rev = expected(&d, actor)?;
+    let channel = channels
+        .get(&d.channel)
+        .map_err(|e| ReviewError::Conflict(e.to_string()))?;
+    let spec = store::tasks::spec_of(db, &d.spec_id).await?;
+    let findings = check_edit(channel, &spec, edit)?;
+    let mut tx = db.begin().await?;
+    store::drafts::update_review(
+        &mut tx,
+        &d.id,
+        rev,
+        &ReviewUpdate {
+            status: DraftStatus::PendingReview,
+            edited_fields: Some(edit),
+            findings: Some(&findings),
+            reviewed_by: actor.name,
+            reject_reason: None,
+        },
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(store::drafts::get(db, draft_id).await?)
+}
+
+/// Marks the draft `changes_requested` and queues a new generation of the same product and
+/// channel with the reviewer's feedback (given to the model as data). Returns the new task id.
+pub async fn regenerate(
+    db: &Db,
+    draft_id: &str,
+    feedback: &str,
+    max_attempts: u32,
+    actor: &Actor<'_>,
+) -> Result<String, ReviewError> {
+    let feedback = feedback.trim();
+    if feedback.chars().count() > 2_000 {
+        return Err(invalid("feedback", "is longer than 2000 characters"));
+    }
+    let d = load_open(db, draft_id, "regenerated").await?;
+    let rev = expected(&d, actor)?;
+    let mut tx = db.begin().await?;
+    store::drafts::update_review(
+        &mut tx,
+        &d.id,
+        rev,
+        &ReviewUpdate {
+            status: DraftStatus::ChangesRequested,
+            edited_fields: None,
+            findings: None,
+            reviewed_by: actor.name,
+            reject_reason: (!feedback.is_empty()).then_some(feedback),
+        },
+    )
+    .await?;
+    let task_id = store::batches::insert_regeneration(
+        &mut tx,
+        &d,
+        (!feedback.is_empty()).then_some(feedback),
+        max_attempts,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(task_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_round_trip() {
+        for s in DraftStatus::ALL {
+            assert_eq!(DraftStatus::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(DraftStatus::parse("ready"), None);
+        assert!(DraftStatus::PendingReview.is_open());
+        assert!(!DraftStatus::Approved.is_open());
+    }
+}

@@ -1,0 +1,272 @@
+//! Batches: a submission's products, its refused records, and its tasks (one per product x
+//! channel), written in one transaction together with their queue entries.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::{jobs, new_id, now_ms, on_db, on_tx, to_json, Db, StoreError};
+use crate::spec::{Position, ProductSpec, SpecError};
+
+/// A validated submission, ready to be stored and queued.
+#[derive(Debug)]
+pub struct NewSubmission<'a> {
+    pub source: &'a str,
+    pub channels: &'a [String],
+    pub submitted_by: Option<&'a str>,
+    pub specs: &'a [(Position, ProductSpec)],
+    pub errors: &'a [SpecError],
+    pub max_attempts: u32,
+    /// Reviewer feedback for every task (regeneration), if any.
+    pub feedback: Option<&'a str>,
+    /// The draft a regeneration replaces, if any.
+    pub parent_draft_id: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Receipt {
+    pub batch_id: String,
+    pub products: usize,
+    pub tasks: usize,
+    pub task_ids: Vec<String>,
+}
+
+/// The payload of a queued job.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct EnrichJob {
+    pub task_id: String,
+}
+
+/// Stores the batch, its specs, its input errors and one queued task per (spec, channel).
+pub async fn insert_submission(db: &Db, sub: &NewSubmission<'_>) -> Result<Receipt, StoreError> {
+    let batch_id = new_id();
+    let now = now_ms();
+    let mut tx = db.begin().await?;
+    on_tx!(&mut tx, c => sqlx::query(
+        "insert into batches (id, created_at, source, channels, products, input_errors, submitted_by)
+         values ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&batch_id)
+    .bind(now)
+    .bind(sub.source)
+    .bind(to_json(&sub.channels))
+    .bind(sub.specs.len() as i64)
+    .bind(sub.errors.len() as i64)
+    .bind(sub.submitted_by)
+    .execute(c)
+    .await
+    .map(|r| r.rows_affected()))?;
+    for e in sub.errors {
+        on_tx!(&mut tx, c => sqlx::query(
+            "insert into input_errors (batch_id, position, product_id, field, message) values ($1, $2, $3, $4, $5)",
+        )
+        .bind(&batch_id)
+        .bind(e.position.to_string())
+        .bind(e.product_id.as_deref())
+        .bind(&e.field)
+        .bind(&e.message)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+    }
+    let mut task_ids = Vec::with_capacity(sub.specs.len() * sub.channels.len());
+    for (pos, spec) in sub.specs {
+        let spec_id = new_id();
+        on_tx!(&mut tx, c => sqlx::query(
+            "insert into specs (id, batch_id, product_id, position, body, created_at) values ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&spec_id)
+        .bind(&batch_id)
+        .bind(&spec.id)
+        .bind(pos.to_string())
+        .bind(spec.to_json().to_string())
+        .bind(now)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        for channel in sub.channels {
+            let task_id = new_id();
+            on_tx!(&mut tx, c => sqlx::query(
+                "insert into tasks (id, batch_id, spec_id, product_id, channel, status, attempts, max_attempts, feedback, parent_draft_id, created_at, updated_at)
+                 values ($1, $2, $3, $4, $5, 'queued', 0, $6, $7, $8, $9, $9)",
+            )
+            .bind(&task_id)
+            .bind(&batch_id)
+            .bind(&spec_id)
+            .bind(&spec.id)
+            .bind(channel)
+            .bind(sub.max_attempts as i64)
+            .bind(sub.feedback)
+            .bind(sub.parent_draft_id)
+            .bind(now)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
+            let payload = serde_json::to_vec(&EnrichJob {
+                task_id: task_id.clone(),
+            })
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            jobs::enqueue(
+                &mut tx,
+                jobs::ENRICH_QUEUE,
+                &task_id,
+                &payload,
+                sub.max_attempts as i64,
+            )
+            .await?;
+            task_ids.push(task_id);
+        }
+    }
+    tx.commit().await?;
+    Ok(Receipt {
+        batch_id,
+        products: sub.specs.len(),
+        tasks: task_ids.len(),
+        task_ids,
+    })
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct BatchRow {
+    id: String,
+    created_at: i64,
+    source: String,
+    channels: String,
+    products: i64,
+    input_errors: i64,
+    submitted_by: Option<String>,
+}
+
+/// A batch with its progress.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BatchStatus {
+    pub id: String,
+    pub created_at: i64,
+    pub source: String,
+    pub channels: Vec<String>,
+    pub products: i64,
+    pub input_errors: i64,
+    pub submitted_by: Option<String>,
+    pub tasks: i64,
+    /// Task status -> count (`queued`, `running`, `retrying`, `succeeded`, `failed`).
+    pub tasks_by_status: BTreeMap<String, i64>,
+    /// Draft status -> count.
+    pub drafts_by_status: BTreeMap<String, i64>,
+    /// Every task succeeded or failed.
+    pub done: bool,
+}
+
+pub async fn get(db: &Db, id: &str) -> Result<BatchStatus, StoreError> {
+    let row: Option<BatchRow> = on_db!(db, p => sqlx::query_as("select * from batches where id = $1")
+        .bind(id)
+        .fetch_optional(p)
+        .await)?;
+    let row = row.ok_or_else(|| StoreError::NotFound(format!("batch {id}")))?;
+    status_of(db, row).await
+}
+
+async fn status_of(db: &Db, row: BatchRow) -> Result<BatchStatus, StoreError> {
+    let tasks: Vec<(String, i64)> = on_db!(db, p => sqlx::query_as(
+        "select status, count(*) from tasks where batch_id = $1 group by status",
+    )
+    .bind(&row.id)
+    .fetch_all(p)
+    .await)?;
+    let drafts: Vec<(String, i64)> = on_db!(db, p => sqlx::query_as(
+        "select status, count(*) from drafts where batch_id = $1 group by status",
+    )
+    .bind(&row.id)
+    .fetch_all(p)
+    .await)?;
+    let tasks_by_status: BTreeMap<String, i64> = tasks.into_iter().collect();
+    let total: i64 = tasks_by_status.values().sum();
+    let finished = tasks_by_status.get("succeeded").copied().unwrap_or(0)
+        + tasks_by_status.get("failed").copied().unwrap_or(0);
+    Ok(BatchStatus {
+        channels: serde_json::from_str(&row.channels).unwrap_or_default(),
+        id: row.id,
+        created_at: row.created_at,
+        source: row.source,
+        products: row.products,
+        input_errors: row.input_errors,
+        submitted_by: row.submitted_by,
+        tasks: total,
+        done: finished == total,
+        tasks_by_status,
+        drafts_by_status: drafts.into_iter().collect(),
+    })
+}
+
+/// The most recent batches, newest first.
+pub async fn list(db: &Db, limit: i64) -> Result<Vec<BatchStatus>, StoreError> {
+    let rows: Vec<BatchRow> = on_db!(db, p => sqlx::query_as(
+        "select * from batches order by created_at desc, id desc limit $1",
+    )
+    .bind(limit)
+    .fetch_all(p)
+    .await)?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        out.push(status_of(db, r).await?);
+    }
+    Ok(out)
+}
+
+/// A refused record of a submission.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq)]
+pub struct InputErrorRow {
+    pub position: String,
+    pub product_id: Option<String>,
+    pub field: String,
+    pub message: String,
+}
+
+pub async fn input_errors(db: &Db, batch_id: &str) -> Result<Vec<InputErrorRow>, StoreError> {
+    Ok(on_db!(db, p => sqlx::query_as(
+        "select position, product_id, field, message from input_errors where batch_id = $1 order by id",
+    )
+    .bind(batch_id)
+    .fetch_all(p)
+    .await)?)
+}
+
+/// Queues a new task for the same spec and channel as `draft`, in `tx`, carrying the
+/// reviewer's feedback and a link to the draft it replaces. Returns the task id.
+pub async fn insert_regeneration(
+    tx: &mut super::Tx,
+    draft: &crate::store::drafts::Draft,
+    feedback: Option<&str>,
+    max_attempts: u32,
+) -> Result<String, StoreError> {
+    let task_id = new_id();
+    let now = now_ms();
+    on_tx!(tx, c => sqlx::query(
+        "insert into tasks (id, batch_id, spec_id, product_id, channel, status, attempts, max_attempts, feedback, parent_draft_id, created_at, updated_at)
+         values ($1, $2, $3, $4, $5, 'queued', 0, $6, $7, $8, $9, $9)",
+    )
+    .bind(&task_id)
+    .bind(&draft.batch_id)
+    .bind(&draft.spec_id)
+    .bind(&draft.product_id)
+    .bind(&draft.channel)
+    .bind(max_attempts as i64)
+    .bind(feedback)
+    .bind(&draft.id)
+    .bind(now)
+    .execute(c)
+    .await
+    .map(|r| r.rows_affected()))?;
+    let payload = serde_json::to_vec(&EnrichJob {
+        task_id: task_id.clone(),
+    })
+    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    jobs::enqueue(
+        tx,
+        jobs::ENRICH_QUEUE,
+        &task_id,
+        &payload,
+        max_attempts as i64,
+    )
+    .await?;
+    Ok(task_id)
+}

@@ -1,0 +1,147 @@
+//! The job queue's rows (apalis tables), written directly so that enqueueing a task is part
+//! of the same transaction as the task itself: a task row never exists without its queue
+//! entry, and vice versa. The layout follows apalis-sqlite / apalis-postgres 1.0
+//! (`Jobs` / `apalis.jobs`); the queue tests check that apalis workers pick these rows up.
+
+use super::{Db, StoreError, Tx};
+
+/// The apalis queue (`job_type`) that enrichment tasks go to.
+pub const ENRICH_QUEUE: &str = "enricher.enrich";
+
+/// Adds one job for `task_id` to the queue, runnable at once. A second call for the same
+/// task is a no-op (the idempotency key is the task id).
+pub async fn enqueue(
+    tx: &mut Tx,
+    queue: &str,
+    task_id: &str,
+    payload: &[u8],
+    max_attempts: i64,
+) -> Result<(), StoreError> {
+    let now_s = chrono::Utc::now().timestamp();
+    match tx {
+        Tx::Sqlite(t) => {
+            sqlx::query(
+                "insert into Jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority, metadata, idempotency_key)
+                 values ($1, $2, $3, 'Pending', 0, $4, $5, 0, '{}', $2)
+                 on conflict (job_type, idempotency_key) do nothing",
+            )
+            .bind(payload)
+            .bind(task_id)
+            .bind(queue)
+            .bind(max_attempts)
+            .bind(now_s)
+            .execute(&mut **t)
+            .await?;
+        }
+        Tx::Postgres(t) => {
+            sqlx::query(
+                "insert into apalis.jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority, metadata, idempotency_key)
+                 values ($1, $2, $3, 'Pending', 0, $4, to_timestamp($5), 0, ''::hstore, $2)
+                 on conflict (job_type, idempotency_key) do nothing",
+            )
+            .bind(payload)
+            .bind(task_id)
+            .bind(queue)
+            .bind(max_attempts as i32)
+            .bind(now_s as f64)
+            .execute(&mut **t)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Delays the next attempt of a failed job until `run_at_s` (Unix seconds). apalis re-fetches
+/// a failed job only once `run_at` has passed, so this is the retry backoff; it lives in the
+/// database, so it holds across restarts and across workers.
+pub async fn delay(db: &Db, task_id: &str, run_at_s: i64) -> Result<(), StoreError> {
+    match db {
+        Db::Sqlite(p) => {
+            sqlx::query("update Jobs set run_at = $1 where id = $2")
+                .bind(run_at_s)
+                .bind(task_id)
+                .execute(p)
+                .await?;
+        }
+        Db::Postgres(p) => {
+            sqlx::query("update apalis.jobs set run_at = to_timestamp($1) where id = $2")
+                .bind(run_at_s as f64)
+                .bind(task_id)
+                .execute(p)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Queue-side state of a job: (status, attempts, last_result).
+pub async fn job_state(
+    db: &Db,
+    task_id: &str,
+) -> Result<Option<(String, i64, Option<String>)>, StoreError> {
+    Ok(match db {
+        Db::Sqlite(p) => {
+            sqlx::query_as::<_, (String, i64, Option<String>)>(
+                "select status, attempts, last_result from Jobs where id = $1",
+            )
+            .bind(task_id)
+            .fetch_optional(p)
+            .await?
+        }
+        Db::Postgres(p) => sqlx::query_as::<_, (String, i32, Option<String>)>(
+            "select status, attempts, last_result::text from apalis.jobs where id = $1",
+        )
+        .bind(task_id)
+        .fetch_optional(p)
+        .await?
+        .map(|(s, a, r)| (s, a as i64, r)),
+    })
+}
+
+/// Jobs of `queue` not yet finished (pending, queued, running, or failed with attempts left).
+pub async fn queue_depth(db: &Db, queue: &str) -> Result<i64, StoreError> {
+    Ok(match db {
+        Db::Sqlite(p) => {
+            sqlx::query_scalar::<_, i64>(
+                "select count(*) from Jobs where job_type = $1
+                 and (status in ('Pending', 'Queued', 'Running') or (status = 'Failed' and attempts < max_attempts))",
+            )
+            .bind(queue)
+            .fetch_one(p)
+            .await?
+        }
+        Db::Postgres(p) => {
+            sqlx::query_scalar::<_, i64>(
+                "select count(*) from apalis.jobs where job_type = $1
+                 and (status in ('Pending', 'Queued', 'Running') or (status = 'Failed' and attempts < max_attempts))",
+            )
+            .bind(queue)
+            .fetch_one(p)
+            .await?
+        }
+    })
+}
+
+/// Workers of `queue` seen within `within_s` seconds (from apalis's worker registry).
+pub async fn live_workers(db: &Db, queue: &str, within_s: i64) -> Result<i64, StoreError> {
+    Ok(match db {
+        Db::Sqlite(p) => {
+            sqlx::query_scalar::<_, i64>(
+                "select count(*) from Workers where worker_type = $1 and last_seen >= strftime('%s', 'now') - $2",
+            )
+            .bind(queue)
+            .bind(within_s)
+            .fetch_one(p)
+            .await?
+        }
+        Db::Postgres(p) => {
+            sqlx::query_scalar::<_, i64>(
+                "select count(*) from apalis.workers where worker_type = $1 and last_seen >= now() - make_interval(secs => $2)",
+            )
+            .bind(queue)
+            .bind(within_s as f64)
+            .fetch_one(p)
+            .await?
+        }
+    })
+}
