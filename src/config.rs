@@ -411,6 +411,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's own error type
     fn file_and_env_layers_override_defaults() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

