@@ -54,6 +54,9 @@ enum Command {
     /// List or fetch models.
     #[command(subcommand)]
     Models(cli::models::ModelsCommand),
+    /// Create, list or revoke API tokens.
+    #[command(subcommand)]
+    Tokens(cli::tokens::TokensCommand),
     /// Create or upgrade the database schema.
     Migrate,
 }

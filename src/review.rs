@@ -19,6 +19,7 @@ use crate::{
     store::{
         self,
         approved::{ApprovedContent, NewVersion},
+        audit::{self, Entry},
         drafts::{Draft, ReviewUpdate},
         Db, StoreError,
     },
@@ -251,6 +252,13 @@ pub async fn approve(
         },
     )
     .await?;
+    audit::record_tx(
+        &mut tx,
+        &Entry::new(actor.name, if edit.is_some() || d.edited_fields.is_some() { "draft.edit_approve" } else { "draft.approve" }, "draft", &d.id)
+            .before(serde_json::json!({"status": d.status, "fields": d.current_fields()}))
+            .after(serde_json::json!({"status": DraftStatus::Approved, "fields": approved_fields, "version": content.version})),
+    )
+    .await?;
     tx.commit().await?;
     tracing::info!(draft_id = %d.id, product_id = %d.product_id, channel = %d.channel, version = content.version, "draft approved");
     Ok(content)
@@ -281,6 +289,14 @@ pub async fn reject(
             reviewed_by: actor.name,
             reject_reason: Some(reason),
         },
+    )
+    .await?;
+    audit::record_tx(
+        &mut tx,
+        &Entry::new(actor.name, "draft.reject", "draft", &d.id)
+            .before(serde_json::json!({"status": d.status}))
+            .after(serde_json::json!({"status": DraftStatus::Rejected}))
+            .reason(Some(reason)),
     )
     .await?;
     tx.commit().await?;
@@ -315,6 +331,13 @@ pub async fn save_edit(
             reviewed_by: actor.name,
             reject_reason: None,
         },
+    )
+    .await?;
+    audit::record_tx(
+        &mut tx,
+        &Entry::new(actor.name, "draft.edit", "draft", &d.id)
+            .before(serde_json::json!({"status": d.status, "fields": d.current_fields()}))
+            .after(serde_json::json!({"status": DraftStatus::PendingReview, "fields": edit})),
     )
     .await?;
     tx.commit().await?;
@@ -357,8 +380,38 @@ pub async fn regenerate(
         max_attempts,
     )
     .await?;
+    audit::record_tx(
+        &mut tx,
+        &Entry::new(actor.name, "draft.regenerate", "draft", &d.id)
+            .before(serde_json::json!({"status": d.status}))
+            .after(serde_json::json!({"status": DraftStatus::ChangesRequested, "task_id": task_id}))
+            .reason((!feedback.is_empty()).then_some(feedback)),
+    )
+    .await?;
     tx.commit().await?;
     Ok(task_id)
+}
+
+/// Adds a comment to a draft (any state).
+pub async fn comment(
+    db: &Db,
+    draft_id: &str,
+    body: &str,
+    author: &str,
+) -> Result<store::comments::Comment, ReviewError> {
+    let body = body.trim();
+    if body.is_empty() || body.chars().count() > 5_000 {
+        return Err(invalid("body", "must be 1 to 5000 characters"));
+    }
+    store::drafts::get(db, draft_id).await?;
+    let c = store::comments::insert(db, draft_id, author, body).await?;
+    audit::record(
+        db,
+        &Entry::new(author, "draft.comment", "draft", draft_id)
+            .after(serde_json::json!({"comment_id": c.id, "body": body})),
+    )
+    .await?;
+    Ok(c)
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@ pub mod demo;
 pub mod models;
 pub mod review;
 pub mod submit;
+pub mod tokens;
 
 use std::{path::Path, process::ExitCode, time::Duration};
 
@@ -30,6 +31,7 @@ pub async fn run(config: Option<&Path>, command: Command) -> anyhow::Result<Exit
         Command::Regenerate(args) => review::regenerate(settings, args).await,
         Command::Export(args) => review::export(settings, args).await,
         Command::Models(cmd) => models::run(settings, cmd).await,
+        Command::Tokens(cmd) => tokens::run(settings, cmd).await,
         Command::Migrate => {
             let app = App::init(settings).await?;
             println!("database migrated ({})", app.db.backend());

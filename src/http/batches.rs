@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 
 use super::{csv_list, AppState};
 use crate::{
+    auth::{Caller, Role},
     http::ApiError,
     intake::{self, IntakeReport},
     spec::{self, Position},
@@ -44,9 +45,12 @@ struct SubmitQuery {
 #[tracing::instrument(skip_all)]
 async fn submit(
     State(s): State<AppState>,
+    caller: Caller,
     Query(q): Query<SubmitQuery>,
     req: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.require(Role::Submitter)?;
+    let who = caller.actor();
     let content_type = req
         .headers()
         .get(CONTENT_TYPE)
@@ -93,7 +97,7 @@ async fn submit(
             &data,
             &channels,
             &format!("upload:{name}"),
-            None,
+            Some(&who),
         )
         .await?
     } else {
@@ -104,7 +108,8 @@ async fn submit(
             Some((records, wrapped_channels)) => {
                 channels.extend(wrapped_channels);
                 let list = s.channels.resolve(&channels)?;
-                intake::submit_records(&s.db, &s.settings, records, list, &source, None).await?
+                intake::submit_records(&s.db, &s.settings, records, list, &source, Some(&who))
+                    .await?
             }
             None => {
                 intake::submit_bytes(
@@ -114,7 +119,7 @@ async fn submit(
                     &body,
                     &channels,
                     &source,
-                    None,
+                    Some(&who),
                 )
                 .await?
             }
@@ -205,16 +210,20 @@ struct ListQuery {
 
 async fn list(
     State(s): State<AppState>,
+    caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.require_any(&[Role::Submitter, Role::Reviewer])?;
     let batches = store::batches::list(&s.db, q.limit.unwrap_or(50).clamp(1, 500)).await?;
     Ok(Json(json!({ "batches": batches })))
 }
 
 async fn status(
     State(s): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.require_any(&[Role::Submitter, Role::Reviewer])?;
     let b = store::batches::get(&s.db, &id).await?;
     Ok(Json(
         serde_json::to_value(b).map_err(|e| ApiError::Internal(e.to_string()))?,
@@ -229,9 +238,11 @@ struct TasksQuery {
 
 async fn tasks(
     State(s): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     Query(q): Query<TasksQuery>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.require_any(&[Role::Submitter, Role::Reviewer])?;
     let status = match q.status.as_deref() {
         None => None,
         Some(x) => Some(TaskStatus::parse(x).ok_or_else(|| {
@@ -250,14 +261,21 @@ async fn tasks(
 
 async fn errors(
     State(s): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.require_any(&[Role::Submitter, Role::Reviewer])?;
     store::batches::get(&s.db, &id).await?;
     let errors = store::batches::input_errors(&s.db, &id).await?;
     Ok(Json(json!({ "errors": errors })))
 }
 
-async fn task(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn task(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_any(&[Role::Submitter, Role::Reviewer])?;
     let t = store::tasks::get(&s.db, &id).await?;
     Ok(Json(
         serde_json::to_value(t).map_err(|e| ApiError::Internal(e.to_string()))?,

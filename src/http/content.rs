@@ -15,6 +15,7 @@ use serde_json::json;
 
 use super::AppState;
 use crate::{
+    auth::{Caller, Role},
     delivery::export::{self, ExportFilter, Format},
     http::{drafts::parse_status, ApiError},
     review::DraftStatus,
@@ -35,9 +36,11 @@ struct ContentQuery {
 
 async fn product_content(
     State(s): State<AppState>,
+    caller: Caller,
     Path(product_id): Path<String>,
     Query(q): Query<ContentQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.require_any(&[Role::Consumer, Role::Reviewer])?;
     let content = store::approved::list(
         &s.db,
         &ApprovedFilter {
@@ -70,9 +73,16 @@ struct ExportQuery {
 
 async fn export_route(
     State(s): State<AppState>,
+    caller: Caller,
     Query(q): Query<ExportQuery>,
 ) -> Result<Response, ApiError> {
     let status = parse_status(q.status.as_deref())?.unwrap_or(DraftStatus::Approved);
+    // approved content is for the PIM; drafts in review are for reviewers
+    if status == DraftStatus::Approved {
+        caller.require_any(&[Role::Consumer, Role::Reviewer])?;
+    } else {
+        caller.require(Role::Reviewer)?;
+    }
     let format: Format = q.format.as_deref().unwrap_or("jsonl").parse()?;
     if let Some(c) = &q.channel {
         s.channels.get(c)?;

@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 
 use super::AppState;
 use crate::{
+    auth::{Caller, Role},
     checks::Fields,
     http::ApiError,
     review::{self, Actor, DraftStatus},
@@ -90,7 +91,12 @@ async fn list(
     })))
 }
 
-async fn show(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn show(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Reviewer)?;
     let d = store::drafts::get(&s.db, &id).await?;
     let spec = store::tasks::spec_of(&s.db, &d.spec_id).await?;
     let mut v = serde_json::to_value(&d).map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -103,28 +109,20 @@ async fn show(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<
 struct ApproveBody {
     fields: Option<Fields>,
     revision: Option<i64>,
-    reviewer: Option<String>,
-}
-
-fn actor_name(given: Option<&str>) -> String {
-    given
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.chars().take(100).collect())
-        .unwrap_or_else(|| "api".to_string())
 }
 
 async fn approve(
     State(s): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     body: Option<Json<ApproveBody>>,
 ) -> Result<Json<Value>, ApiError> {
     let b = body.map(|Json(b)| b).unwrap_or(ApproveBody {
         fields: None,
         revision: None,
-        reviewer: None,
     });
-    let name = actor_name(b.reviewer.as_deref());
+    caller.require(Role::Reviewer)?;
+    let name = caller.actor();
     let content = review::approve(
         &s.db,
         &s.channels,
@@ -144,15 +142,16 @@ async fn approve(
 struct RejectBody {
     reason: Option<String>,
     revision: Option<i64>,
-    reviewer: Option<String>,
 }
 
 async fn reject(
     State(s): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     Json(b): Json<RejectBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let name = actor_name(b.reviewer.as_deref());
+    caller.require(Role::Reviewer)?;
+    let name = caller.actor();
     let d = review::reject(
         &s.db,
         &id,
@@ -173,15 +172,16 @@ async fn reject(
 struct EditBody {
     fields: Fields,
     revision: Option<i64>,
-    reviewer: Option<String>,
 }
 
 async fn edit(
     State(s): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     Json(b): Json<EditBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let name = actor_name(b.reviewer.as_deref());
+    caller.require(Role::Reviewer)?;
+    let name = caller.actor();
     let d = review::save_edit(
         &s.db,
         &s.channels,
@@ -203,20 +203,20 @@ async fn edit(
 struct RegenerateBody {
     feedback: Option<String>,
     revision: Option<i64>,
-    reviewer: Option<String>,
 }
 
 async fn regenerate(
     State(s): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     body: Option<Json<RegenerateBody>>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let b = body.map(|Json(b)| b).unwrap_or(RegenerateBody {
         feedback: None,
         revision: None,
-        reviewer: None,
     });
-    let name = actor_name(b.reviewer.as_deref());
+    caller.require(Role::Reviewer)?;
+    let name = caller.actor();
     let task_id = review::regenerate(
         &s.db,
         &id,

@@ -1,11 +1,13 @@
 //! The HTTP API (JSON under `/v1`) and health endpoints, served by axum.
 //! Each submodule exposes `router()`; they are merged here once.
 
+pub mod auth;
 mod batches;
 mod content;
 mod drafts;
 pub mod error;
 mod health;
+mod tokens;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -31,6 +33,7 @@ pub fn router(state: AppState) -> Router {
         .merge(batches::router())
         .merge(drafts::router())
         .merge(content::router())
+        .merge(tokens::router())
         .layer(DefaultBodyLimit::max(limit))
         .layer(TraceLayer::new_for_http())
         .with_state(state)

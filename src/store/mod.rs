@@ -6,10 +6,13 @@
 //! [`Db`] is the pool of either backend; [`on_db!`] runs one body against whichever it is.
 
 pub mod approved;
+pub mod audit;
 pub mod batches;
+pub mod comments;
 pub mod drafts;
 pub mod jobs;
 pub mod tasks;
+pub mod tokens;
 
 use std::{str::FromStr, time::Duration};
 

@@ -77,7 +77,7 @@ async fn real_products_flow_to_approved_content_and_export(backend: Backend) {
     let (status, body) = app
         .post_json(
             &format!("/v1/drafts/{id}/approve"),
-            &json!({"fields": fields, "reviewer": "pm@example.com"}),
+            &json!({"fields": fields}),
         )
         .await;
     assert_eq!(status, 200, "{body}");
@@ -86,7 +86,7 @@ async fn real_products_flow_to_approved_content_and_export(backend: Backend) {
     let (status, content) = app.get("/v1/products/wdc-pave:2532501/content").await;
     assert_eq!(status, 200, "{content}");
     assert_eq!(content["content"][0]["fields"]["title"], fields["title"]);
-    assert_eq!(content["content"][0]["approved_by"], "pm@example.com");
+    assert_eq!(content["content"][0]["approved_by"], "token:test-admin");
 
     let (status, jsonl) = app
         .get_text("/v1/export?status=approved&format=jsonl")

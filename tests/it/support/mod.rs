@@ -188,7 +188,9 @@ pub struct TestApp {
     pub app: App,
     pub addr: std::net::SocketAddr,
     pub base: String,
+    /// A client that sends the admin token.
     pub http: reqwest::Client,
+    pub admin_token: String,
     pub running: Option<Running>,
     pub db: TestDb,
 }
@@ -209,6 +211,23 @@ impl TestApp {
         let mut settings = test_settings(&db.url);
         tweak(&mut settings);
         let app = App::init(settings).await.expect("app init");
+        let admin = enricher::auth::create_token(
+            &app.db,
+            "test-admin",
+            &[enricher::auth::Role::Admin],
+            "test",
+        )
+        .await
+        .expect("admin token");
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {}", admin.token).parse().expect("header"),
+        );
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .expect("client");
         let pipeline = if workers {
             Some(app.pipeline().await.expect("providers"))
         } else {
@@ -230,10 +249,41 @@ impl TestApp {
             app,
             addr,
             base: format!("http://{addr}"),
-            http: reqwest::Client::new(),
+            http,
+            admin_token: admin.token,
             running: Some(running),
             db,
         }
+    }
+
+    /// A new token with `roles`.
+    pub async fn token(&self, roles: &[enricher::auth::Role]) -> String {
+        enricher::auth::create_token(&self.app.db, "test", roles, "test")
+            .await
+            .expect("token")
+            .token
+    }
+
+    /// Sends a request with `token` (or none), returning status and JSON body.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let client = reqwest::Client::new();
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut req = client.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let r = req.send().await.expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
     }
 
     pub fn db(&self) -> &Db {
