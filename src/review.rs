@@ -392,6 +392,256 @@ pub async fn regenerate(
     Ok(task_id)
 }
 
+/// What a bulk approval did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BulkOutcome {
+    pub approved: Vec<BulkApproved>,
+    pub skipped: Vec<BulkSkipped>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BulkApproved {
+    pub draft_id: String,
+    pub product_id: String,
+    pub channel: String,
+    pub version: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BulkSkipped {
+    pub draft_id: String,
+    pub reason: String,
+}
+
+/// Approves every open draft matching `filter` that has no findings at all (no error and no
+/// warning); every other matching draft is listed as skipped with the reason.
+pub async fn bulk_approve(
+    db: &Db,
+    channels: &Channels,
+    filter: &store::drafts::DraftFilter,
+    actor: &Actor<'_>,
+) -> Result<BulkOutcome, ReviewError> {
+    let mut out = BulkOutcome::default();
+    let mut f = filter.clone();
+    f.limit = 500;
+    loop {
+        let page = store::drafts::list(db, &f).await?;
+        let n = page.len();
+        f.after = page.last().map(|d| d.id.clone());
+        for d in page {
+            if !d.status.is_open() {
+                continue;
+            }
+            let skip = |reason: String| BulkSkipped {
+                draft_id: d.id.clone(),
+                reason,
+            };
+            if d.status == DraftStatus::NeedsAttention {
+                out.skipped
+                    .push(skip("needs attention (failed checks)".into()));
+                continue;
+            }
+            if !d.findings.is_empty() {
+                let errors = d
+                    .findings
+                    .iter()
+                    .filter(|f| f.severity == checks::Severity::Error)
+                    .count();
+                let warnings = d.findings.len() - errors;
+                out.skipped.push(skip(format!(
+                    "has {errors} error and {warnings} warning findings"
+                )));
+                continue;
+            }
+            let one = Actor {
+                name: actor.name,
+                expected_revision: Some(d.revision),
+            };
+            match approve(db, channels, &d.id, None, &one).await {
+                Ok(c) => out.approved.push(BulkApproved {
+                    draft_id: d.id.clone(),
+                    product_id: c.product_id,
+                    channel: c.channel,
+                    version: c.version,
+                }),
+                Err(ReviewError::Store(e)) => return Err(ReviewError::Store(e)),
+                Err(e) => out.skipped.push(skip(e.to_string())),
+            }
+        }
+        if (n as i64) < f.limit {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Review outcomes of a group of drafts (a channel, or a prompt template version).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct QualityStats {
+    pub decided: u64,
+    pub approved: u64,
+    pub approved_unedited: u64,
+    pub rejected: u64,
+    pub changes_requested: u64,
+    /// approved / decided.
+    pub acceptance_rate: f64,
+    /// Mean Levenshtein distance (characters) between generated and approved text, over
+    /// approved drafts (0 for unedited ones).
+    pub mean_edit_distance: f64,
+    /// Rejection and change-request reasons, most frequent first.
+    pub reasons: Vec<(String, u64)>,
+}
+
+/// Quality per channel and per prompt-template hash, over drafts a reviewer decided.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct QualityReport {
+    pub by_channel: std::collections::BTreeMap<String, QualityStats>,
+    /// Keyed by `channel/template_hash`.
+    pub by_template: std::collections::BTreeMap<String, QualityStats>,
+}
+
+fn text_of(f: &Fields) -> String {
+    f.iter()
+        .map(|(k, v)| format!("{k}: {}", v.joined()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub async fn quality(db: &Db) -> Result<QualityReport, ReviewError> {
+    use std::collections::BTreeMap;
+    #[derive(Default)]
+    struct Acc {
+        s: QualityStats,
+        dist_sum: f64,
+        reasons: BTreeMap<String, u64>,
+    }
+    let mut by_channel: BTreeMap<String, Acc> = BTreeMap::new();
+    let mut by_template: BTreeMap<String, Acc> = BTreeMap::new();
+    for status in [
+        DraftStatus::Approved,
+        DraftStatus::Rejected,
+        DraftStatus::ChangesRequested,
+    ] {
+        let mut f = store::drafts::DraftFilter {
+            status: Some(status),
+            limit: 1000,
+            ..Default::default()
+        };
+        loop {
+            let page = store::drafts::list(db, &f).await?;
+            let n = page.len();
+            f.after = page.last().map(|d| d.id.clone());
+            for d in &page {
+                let hash = d
+                    .provenance
+                    .get("template_hash")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("unknown");
+                let key = format!("{}/{}", d.channel, &hash[..hash.len().min(12)]);
+                for acc in [
+                    by_channel.entry(d.channel.clone()).or_default(),
+                    by_template.entry(key).or_default(),
+                ] {
+                    acc.s.decided += 1;
+                    match d.status {
+                        DraftStatus::Approved => {
+                            acc.s.approved += 1;
+                            match &d.edited_fields {
+                                Some(e) => {
+                                    acc.dist_sum +=
+                                        strsim::levenshtein(&text_of(&d.fields), &text_of(e)) as f64
+                                }
+                                None => acc.s.approved_unedited += 1,
+                            }
+                        }
+                        DraftStatus::Rejected => acc.s.rejected += 1,
+                        _ => acc.s.changes_requested += 1,
+                    }
+                    if d.status != DraftStatus::Approved {
+                        let reason = d
+                            .reject_reason
+                            .as_deref()
+                            .unwrap_or("(no reason)")
+                            .trim()
+                            .to_lowercase();
+                        *acc.reasons.entry(reason).or_default() += 1;
+                    }
+                }
+            }
+            if (n as i64) < f.limit {
+                break;
+            }
+        }
+    }
+    let finish = |m: BTreeMap<String, Acc>| {
+        m.into_iter()
+            .map(|(k, mut a)| {
+                a.s.acceptance_rate = if a.s.decided == 0 {
+                    0.0
+                } else {
+                    a.s.approved as f64 / a.s.decided as f64
+                };
+                a.s.mean_edit_distance = if a.s.approved == 0 {
+                    0.0
+                } else {
+                    a.dist_sum / a.s.approved as f64
+                };
+                let mut reasons: Vec<(String, u64)> = a.reasons.into_iter().collect();
+                reasons.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
+                reasons.truncate(10);
+                a.s.reasons = reasons;
+                (k, a.s)
+            })
+            .collect()
+    };
+    Ok(QualityReport {
+        by_channel: finish(by_channel),
+        by_template: finish(by_template),
+    })
+}
+
+/// One piece of a word-level diff.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DiffOp {
+    /// `equal`, `delete` (only in the generated text) or `insert` (only in the approved).
+    pub op: &'static str,
+    pub text: String,
+}
+
+/// Word-level diff of each field between the generated and the edited/approved text.
+pub fn diff_fields(
+    generated: &Fields,
+    approved: &Fields,
+) -> std::collections::BTreeMap<String, Vec<DiffOp>> {
+    let mut out = std::collections::BTreeMap::new();
+    let names: std::collections::BTreeSet<&String> =
+        generated.keys().chain(approved.keys()).collect();
+    for name in names {
+        let a = generated
+            .get(name)
+            .map(FieldValue::joined)
+            .unwrap_or_default();
+        let b = approved
+            .get(name)
+            .map(FieldValue::joined)
+            .unwrap_or_default();
+        let diff = similar::TextDiff::from_words(a.as_str(), b.as_str());
+        let ops = diff
+            .iter_all_changes()
+            .map(|c| DiffOp {
+                op: match c.tag() {
+                    similar::ChangeTag::Equal => "equal",
+                    similar::ChangeTag::Delete => "delete",
+                    similar::ChangeTag::Insert => "insert",
+                },
+                text: c.value().to_string(),
+            })
+            .collect();
+        out.insert(name.clone(), ops);
+    }
+    out
+}
+
 /// Adds a comment to a draft (any state).
 pub async fn comment(
     db: &Db,
@@ -417,6 +667,19 @@ pub async fn comment(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn word_diff_marks_inserted_and_deleted_words() {
+        let mut a = Fields::new();
+        a.insert("title".into(), FieldValue::Text("Fast red car".into()));
+        let mut b = Fields::new();
+        b.insert("title".into(), FieldValue::Text("Fast blue car".into()));
+        let d = diff_fields(&a, &b);
+        let ops: Vec<(&str, &str)> = d["title"].iter().map(|o| (o.op, o.text.as_str())).collect();
+        assert!(ops.contains(&("delete", "red")), "{ops:?}");
+        assert!(ops.contains(&("insert", "blue")), "{ops:?}");
+        assert!(ops.contains(&("equal", "Fast")), "{ops:?}");
+    }
 
     #[test]
     fn status_names_round_trip() {

@@ -8,6 +8,7 @@ mod drafts;
 pub mod error;
 mod health;
 mod tokens;
+mod ui;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -34,6 +35,7 @@ pub fn router(state: AppState) -> Router {
         .merge(drafts::router())
         .merge(content::router())
         .merge(tokens::router())
+        .merge(ui::router())
         .layer(DefaultBodyLimit::max(limit))
         .layer(TraceLayer::new_for_http())
         .with_state(state)

@@ -209,6 +209,23 @@ pub async fn list(db: &Db, f: &DraftFilter) -> Result<Vec<Draft>, StoreError> {
     rows.into_iter().map(Draft::try_from).collect()
 }
 
+/// The draft just before `id` (by id) that matches the filter.
+pub async fn previous(db: &Db, f: &DraftFilter, id: &str) -> Result<Option<String>, StoreError> {
+    let sql =
+        format!("select id from drafts where {FILTER_SQL} and id < $6 order by id desc limit 1");
+    Ok(
+        on_db!(db, p => sqlx::query_scalar(sqlx::AssertSqlSafe(sql.as_str()))
+        .bind(f.status.map(DraftStatus::as_str))
+        .bind(f.channel.as_deref())
+        .bind(f.batch_id.as_deref())
+        .bind(f.product_id.as_deref())
+        .bind(f.has_findings.map(i64::from))
+        .bind(id)
+        .fetch_optional(p)
+        .await)?,
+    )
+}
+
 /// Draft counts by status for a filter (status in the filter is ignored).
 pub async fn count_by_status(db: &Db, f: &DraftFilter) -> Result<Vec<(String, i64)>, StoreError> {
     let sql = format!(
