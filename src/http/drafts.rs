@@ -224,8 +224,10 @@ pub(crate) fn parse_status(s: Option<&str>) -> Result<Option<DraftStatus>, ApiEr
 
 async fn list(
     State(s): State<AppState>,
+    caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Reviewer)?;
     if let Some(c) = &q.channel {
         s.channels.get(c)?;
     }

@@ -293,3 +293,106 @@ async fn reject_needs_a_reason_and_stale_revisions_conflict(backend: Backend) {
     assert_eq!(status, 422);
     assert_eq!(body["error"]["field"], "status");
 }
+
+backend_tests!(bulk_approval_quality_history_and_audit);
+
+async fn bulk_approval_quality_history_and_audit(backend: Backend) {
+    let (app, fake) = app_with_remote(backend).await;
+    // four products: two answered cleanly, two with copy that fails the checks
+    let r = app
+        .submit_jsonl(&shared_lines("wdc-pave-dev.jsonl", 4), "seo")
+        .await;
+    let batch = r["batch_id"].as_str().unwrap().to_string();
+    app.wait_batch(&batch, Duration::from_secs(30)).await;
+    let _ = fake;
+    let drafts = app.drafts(&format!("batch={batch}")).await;
+    assert_eq!(drafts.len(), 4);
+    // make one draft carry a warning-free but edited state, and reject another
+    let (a, b) = (
+        drafts[0]["id"].as_str().unwrap(),
+        drafts[1]["id"].as_str().unwrap(),
+    );
+    let (s, body) = app
+        .post_json(
+            &format!("/v1/drafts/{b}/reject"),
+            &json!({"reason": "Too generic"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    let (s, body) = app
+        .post_json(
+            &format!("/v1/drafts/{a}/comments"),
+            &json!({"body": "Check the <b>cache</b> size"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{body}");
+
+    let (s, out) = app
+        .post_json("/v1/drafts/bulk-approve", &json!({"batch": batch}))
+        .await;
+    assert_eq!(s, 200, "{out}");
+    let approved = out["approved"].as_array().unwrap();
+    let skipped = out["skipped"].as_array().unwrap();
+    let pending_clean = drafts
+        .iter()
+        .filter(|d| {
+            d["id"] != b
+                && d["status"] == "pending_review"
+                && d["findings"].as_array().unwrap().is_empty()
+        })
+        .count();
+    assert_eq!(approved.len(), pending_clean, "{out}");
+    for s in skipped {
+        assert!(!s["reason"].as_str().unwrap().is_empty());
+    }
+    for d in approved {
+        assert_eq!(d["version"], 1);
+    }
+    let (s, body) = app.post_json("/v1/drafts/bulk-approve", &json!({})).await;
+    assert_eq!(s, 422, "bulk approval needs a scope: {body}");
+
+    // history: versions, diff, audit entries, comments
+    let (s, h) = app.get(&format!("/v1/drafts/{a}/history")).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["comments"][0]["body"], "Check the <b>cache</b> size");
+    let actions: Vec<&str> = h["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert!(actions.contains(&"draft.comment"), "{actions:?}");
+    let (_, hb) = app.get(&format!("/v1/drafts/{b}/history")).await;
+    let rej = hb["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "draft.reject")
+        .unwrap();
+    assert_eq!(rej["reason"], "Too generic");
+    assert_eq!(rej["before"]["status"], "pending_review");
+    assert_eq!(rej["after"]["status"], "rejected");
+    assert_eq!(rej["actor"], "token:test-admin");
+
+    // quality per channel and per template
+    let (s, q) = app.get("/v1/quality").await;
+    assert_eq!(s, 200);
+    let seo = &q["by_channel"]["seo"];
+    assert_eq!(seo["rejected"], 1);
+    assert_eq!(seo["approved"].as_u64().unwrap() as usize, approved.len());
+    assert_eq!(seo["reasons"][0][0], "too generic");
+    assert!(q["by_template"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .all(|k| k.starts_with("seo/")));
+
+    // the audit log is exportable and append-only
+    let (s, text) = app.get_text("/v1/audit?format=jsonl").await;
+    assert_eq!(s, 200);
+    assert!(text.lines().count() >= 2 + approved.len());
+    let tampered = enricher::on_db!(app.db(), p => sqlx::query("update audit_log set actor = 'mallory'").execute(p).await.map(|_| ()));
+    assert!(tampered.is_err(), "audit_log refuses updates");
+    let deleted = enricher::on_db!(app.db(), p => sqlx::query("delete from audit_log").execute(p).await.map(|_| ()));
+    assert!(deleted.is_err(), "audit_log refuses deletes");
+}

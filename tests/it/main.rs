@@ -8,3 +8,4 @@ mod browser;
 mod cli;
 mod input;
 mod remote;
+mod roles;
