@@ -12,6 +12,7 @@ use std::{
 use anyhow::Context;
 use clap::Args;
 use enricher::{
+    auth::{self, Role},
     config::{ProviderKind, Settings},
     intake, models,
     startup::{self, App, RunOptions},
@@ -155,6 +156,7 @@ pub async fn run(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode>
         .find(|d| d.status.is_open())
         .map(|d| d.id.clone())
         .unwrap_or_else(|| "DRAFT_ID".into());
+    let token = auth::create_token(&app.db, "demo", &[Role::Admin, Role::Reviewer], "demo").await?;
     println!();
     println!("review them:");
     println!("  cargo run -- drafts list --status pending_review");
@@ -162,7 +164,12 @@ pub async fn run(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode>
     println!("  cargo run -- approve {first}");
     println!("  cargo run -- reject DRAFT_ID --reason \"...\"");
     println!("  cargo run -- export --status approved --format jsonl");
-    println!("or over HTTP while `cargo run -- serve` runs: http://{addr}/v1/drafts?status=pending_review");
+    println!();
+    println!("or in the browser: `cargo run -- serve`, open http://{}/ui and log in with this local admin/reviewer token", app.settings.http.bind);
+    println!("(shown once; create more with `cargo run -- tokens create --name NAME --role reviewer`):");
+    println!("  {}", token.token);
+    println!("the same token works for the API: curl -H 'Authorization: Bearer {}' http://{}/v1/drafts", token.token, app.settings.http.bind);
+    let _ = addr;
     if args.serve {
         eprintln!("serving on http://{addr} until ctrl-c");
         startup::shutdown_signal().await;

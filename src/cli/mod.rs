@@ -17,7 +17,12 @@ use enricher::{
 use crate::Command;
 
 pub async fn run(config: Option<&Path>, command: Command) -> anyhow::Result<ExitCode> {
-    let settings = Settings::load(config)?;
+    let mut settings = Settings::load(config)?;
+    // One-shot commands talk to a person: only warnings and errors in the log unless asked.
+    let long_running = matches!(command, Command::Serve { .. } | Command::Worker);
+    if !long_running && std::env::var_os("RUST_LOG").is_none() && std::env::var_os("ENRICHER_LOG__FILTER").is_none() {
+        settings.log.filter = "warn".into();
+    }
     enricher::telemetry::init(&settings.log);
     match command {
         Command::Demo(args) => demo::run(settings, args).await,
