@@ -92,6 +92,11 @@ pub struct WorkerSettings {
     pub task_timeout_s: u64,
     /// Tasks fetched per poll.
     pub batch_size: usize,
+    /// How often a worker tells the queue it is alive.
+    pub heartbeat_s: u64,
+    /// Heartbeats a worker may miss before its locked tasks are given to another worker
+    /// (recovery time after a crash = heartbeat_s x missed_heartbeats).
+    pub missed_heartbeats: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -162,6 +167,9 @@ pub struct ProviderSettings {
     /// Local: CPU threads for inference (0 = candle's default, one per physical core).
     #[serde(default)]
     pub threads: usize,
+    /// Stub only: pretend each generation takes this long (benchmarks, fault tests).
+    #[serde(default)]
+    pub simulated_latency_ms: u64,
 }
 
 fn default_timeout_s() -> u64 {
@@ -196,6 +204,8 @@ impl Default for WorkerSettings {
             backoff_max_ms: 5 * 60 * 1_000,
             task_timeout_s: 600,
             batch_size: 8,
+            heartbeat_s: 5,
+            missed_heartbeats: 3,
         }
     }
 }
@@ -246,6 +256,7 @@ impl Default for Settings {
                 structured_output: true,
                 sampling: None,
                 threads: 0,
+                simulated_latency_ms: 0,
             },
         );
         providers.insert(
@@ -261,6 +272,7 @@ impl Default for Settings {
                 structured_output: true,
                 sampling: None,
                 threads: 0,
+                simulated_latency_ms: 0,
             },
         );
         providers.insert(
@@ -276,6 +288,7 @@ impl Default for Settings {
                 structured_output: true,
                 sampling: None,
                 threads: 0,
+                simulated_latency_ms: 0,
             },
         );
         Self {

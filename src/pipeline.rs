@@ -132,7 +132,15 @@ impl Pipeline {
                     schema: Some(schema.clone()),
                     allowed_numbers: None,
                 })
-                .await?;
+                .await
+                .inspect_err(|e| {
+                    metrics::counter!("enricher_provider_errors_total", "provider" => provider_name.clone(), "kind" => e.kind())
+                        .increment(1);
+                })?;
+            metrics::counter!("enricher_tokens_total", "provider" => provider_name.clone(), "direction" => "prompt")
+                .increment(u64::from(generation.prompt_tokens));
+            metrics::counter!("enricher_tokens_total", "provider" => provider_name.clone(), "direction" => "completion")
+                .increment(u64::from(generation.completion_tokens));
             calls += 1;
             prompt_tokens += u64::from(generation.prompt_tokens);
             completion_tokens += u64::from(generation.completion_tokens);

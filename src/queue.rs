@@ -59,7 +59,17 @@ async fn handle_enrich(
     attempt: Attempt,
 ) -> Result<(), BoxDynError> {
     let n = attempt.current().max(1) as i64;
-    match run_attempt(&deps, &job.task_id, n).await {
+    let started = std::time::Instant::now();
+    let result = run_attempt(&deps, &job.task_id, n).await;
+    let outcome = match &result {
+        Ok(()) => "succeeded",
+        Err(AttemptError::Retry(_)) => "retry",
+        Err(AttemptError::Abort(_)) => "failed",
+    };
+    metrics::counter!("enricher_attempts_total", "outcome" => outcome).increment(1);
+    metrics::histogram!("enricher_task_duration_seconds", "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+    match result {
         Ok(()) => Ok(()),
         Err(AttemptError::Retry(m)) => Err(m.into()),
         Err(AttemptError::Abort(m)) => Err(AbortError::new(m).into()),
@@ -151,6 +161,8 @@ pub async fn run_attempt(
     .await;
     match stored {
         Ok(draft_id) => {
+            metrics::counter!("enricher_drafts_created_total", "channel" => task.channel.clone(), "status" => outcome.status.as_str())
+                .increment(1);
             tracing::debug!(%draft_id, status = %outcome.status, findings = outcome.findings.len(),
                 latency_ms = outcome.provenance.latency_ms, "draft stored");
             Ok(())
@@ -217,18 +229,33 @@ pub async fn run_workers(
     grace: Duration,
 ) -> Result<(), QueueError> {
     let settings = deps.settings.clone();
+    let name_prefix = worker_name.clone();
     let concurrency = settings.worker.concurrency;
     let poll = Duration::from_millis(settings.worker.poll_interval_ms.max(10));
     let signal = async move {
         shutdown.await;
         Ok::<(), std::io::Error>(())
     };
-    let monitor = Monitor::new().shutdown_timeout(grace);
+    // A worker whose backend fails (the database restarting, a dropped connection) is
+    // restarted, after a short pause that grows with the restarts so a long outage does not
+    // spin. The pause is brief and only on a failure path.
+    let monitor = Monitor::new()
+        .shutdown_timeout(grace)
+        .should_restart(|ctx, err| {
+            let n = ctx.restarts().min(5) as u32;
+            let pause = Duration::from_millis(100 * (1u64 << n)).min(Duration::from_secs(2));
+            tracing::warn!(worker = %ctx.name(), error = %err, restarts = ctx.restarts(), pause_ms = pause.as_millis() as u64,
+                "queue worker failed; restarting");
+            std::thread::sleep(pause);
+            true
+        });
     let monitor = match deps.db.clone() {
         Db::Sqlite(pool) => {
             let config = apalis_sqlite::Config::default()
                 .queue(ENRICH_QUEUE)
-                .batch_size(settings.worker.batch_size.max(1));
+                .batch_size(settings.worker.batch_size.max(1))
+                .heartbeat_interval(Duration::from_secs(settings.worker.heartbeat_s.max(1)))
+                .missed_heartbeats(settings.worker.missed_heartbeats.max(1));
             let deps = deps.clone();
             monitor.register(move |run| {
                 let backend = SqliteStorage::<EnrichJob>::new(&pool)
@@ -245,7 +272,9 @@ pub async fn run_workers(
         Db::Postgres(pool) => {
             let config = apalis_postgres::Config::default()
                 .queue(ENRICH_QUEUE)
-                .batch_size(settings.worker.batch_size.max(1));
+                .batch_size(settings.worker.batch_size.max(1))
+                .heartbeat_interval(Duration::from_secs(settings.worker.heartbeat_s.max(1)))
+                .missed_heartbeats(settings.worker.missed_heartbeats.max(1));
             let deps = deps.clone();
             monitor.register(move |run| {
                 // LISTEN/NOTIFY wakes idle workers at once; the interval poll is a safety net
@@ -263,8 +292,19 @@ pub async fn run_workers(
             })
         }
     };
-    monitor
+    let result = monitor
         .run_with_signal(signal)
         .await
-        .map_err(|e| QueueError::Monitor(e.to_string()))
+        .map_err(|e| QueueError::Monitor(e.to_string()));
+    // Whatever this process still held (tasks that did not finish within the grace period,
+    // jobs fetched but not started) goes back to the queue now, not after the heartbeat
+    // timeout.
+    match jobs::release_worker_jobs(&deps.db, ENRICH_QUEUE, &format!("{name_prefix}-")).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(released = n, "released unfinished tasks back to the queue"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not release unfinished tasks; they return after the heartbeat timeout")
+        }
+    }
+    result
 }

@@ -48,6 +48,8 @@ impl App {
         let channels = Channels::load(&settings.paths.prompts_dir)?;
         let prompts = Prompts::load(&settings.paths.prompts_dir)?;
         prompts.check_channels(channels.all())?;
+        // install the metrics recorder before anything records
+        let _ = crate::telemetry::metrics();
         let db = Db::connect(&settings.database_url).await?;
         db.migrate().await?;
         tracing::info!(backend = db.backend(), channels = ?channels.names().collect::<Vec<_>>(), "application initialised");

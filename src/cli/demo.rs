@@ -166,9 +166,14 @@ pub async fn run(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode>
     println!("  cargo run -- export --status approved --format jsonl");
     println!();
     println!("or in the browser: `cargo run -- serve`, open http://{}/ui and log in with this local admin/reviewer token", app.settings.http.bind);
-    println!("(shown once; create more with `cargo run -- tokens create --name NAME --role reviewer`):");
+    println!(
+        "(shown once; create more with `cargo run -- tokens create --name NAME --role reviewer`):"
+    );
     println!("  {}", token.token);
-    println!("the same token works for the API: curl -H 'Authorization: Bearer {}' http://{}/v1/drafts", token.token, app.settings.http.bind);
+    println!(
+        "the same token works for the API: curl -H 'Authorization: Bearer {}' http://{}/v1/drafts",
+        token.token, app.settings.http.bind
+    );
     let _ = addr;
     if args.serve {
         eprintln!("serving on http://{addr} until ctrl-c");

@@ -20,7 +20,10 @@ pub async fn run(config: Option<&Path>, command: Command) -> anyhow::Result<Exit
     let mut settings = Settings::load(config)?;
     // One-shot commands talk to a person: only warnings and errors in the log unless asked.
     let long_running = matches!(command, Command::Serve { .. } | Command::Worker);
-    if !long_running && std::env::var_os("RUST_LOG").is_none() && std::env::var_os("ENRICHER_LOG__FILTER").is_none() {
+    if !long_running
+        && std::env::var_os("RUST_LOG").is_none()
+        && std::env::var_os("ENRICHER_LOG__FILTER").is_none()
+    {
         settings.log.filter = "warn".into();
     }
     enricher::telemetry::init(&settings.log);

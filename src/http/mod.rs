@@ -7,6 +7,7 @@ mod content;
 mod drafts;
 pub mod error;
 mod health;
+mod metrics;
 mod tokens;
 mod ui;
 
@@ -31,6 +32,7 @@ pub fn router(state: AppState) -> Router {
     let limit = state.settings.http.max_body_mib * 1024 * 1024;
     Router::new()
         .merge(health::router())
+        .merge(metrics::router())
         .merge(batches::router())
         .merge(drafts::router())
         .merge(content::router())

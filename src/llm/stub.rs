@@ -12,12 +12,14 @@ use crate::config::ProviderSettings;
 #[derive(Debug)]
 pub struct StubProvider {
     name: String,
+    latency: std::time::Duration,
 }
 
 impl StubProvider {
-    pub fn new(name: &str, _settings: &ProviderSettings) -> Self {
+    pub fn new(name: &str, settings: &ProviderSettings) -> Self {
         Self {
             name: name.to_string(),
+            latency: std::time::Duration::from_millis(settings.simulated_latency_ms),
         }
     }
 }
@@ -34,6 +36,9 @@ impl Provider for StubProvider {
     }
 
     async fn generate(&self, req: GenerateRequest) -> Result<Generation, LlmError> {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
         let text = answer(&req);
         Ok(Generation {
             prompt_tokens: (req.user.len() / 4) as u32,

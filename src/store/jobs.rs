@@ -145,3 +145,47 @@ pub async fn live_workers(db: &Db, queue: &str, within_s: i64) -> Result<i64, St
         }
     })
 }
+
+/// Puts back into the queue every job of `queue` still locked by a worker whose name starts
+/// with `worker_prefix` (this process, shutting down), and marks their tasks queued again.
+/// Returns how many jobs were released.
+pub async fn release_worker_jobs(
+    db: &Db,
+    queue: &str,
+    worker_prefix: &str,
+) -> Result<u64, StoreError> {
+    let pattern = format!("{}%", worker_prefix.replace('%', "\\%").replace('_', "\\_"));
+    let ids: Vec<String> = match db {
+        Db::Sqlite(p) => {
+            sqlx::query_scalar(
+                "update Jobs set status = 'Pending', lock_by = null, lock_at = null
+                 where job_type = $1 and status in ('Queued', 'Running') and lock_by like $2 escape '\\'
+                 returning id",
+            )
+            .bind(queue)
+            .bind(&pattern)
+            .fetch_all(p)
+            .await?
+        }
+        Db::Postgres(p) => {
+            sqlx::query_scalar(
+                "update apalis.jobs set status = 'Pending', lock_by = null, lock_at = null
+                 where job_type = $1 and status in ('Queued', 'Running') and lock_by like $2 escape '\\'
+                 returning id",
+            )
+            .bind(queue)
+            .bind(&pattern)
+            .fetch_all(p)
+            .await?
+        }
+    };
+    for id in &ids {
+        crate::on_db!(db, p => sqlx::query("update tasks set status = 'queued', updated_at = $1 where id = $2 and status = 'running'")
+            .bind(super::now_ms())
+            .bind(id)
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))?;
+    }
+    Ok(ids.len() as u64)
+}

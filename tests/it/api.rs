@@ -396,3 +396,48 @@ async fn bulk_approval_quality_history_and_audit(backend: Backend) {
     let deleted = enricher::on_db!(app.db(), p => sqlx::query("delete from audit_log").execute(p).await.map(|_| ()));
     assert!(deleted.is_err(), "audit_log refuses deletes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_prometheus_metrics() {
+    let app = TestApp::spawn(Backend::Sqlite, |_| {}).await;
+    let r = app
+        .submit_jsonl(&shared_lines("wdc-pave-dev.jsonl", 2), "seo")
+        .await;
+    app.wait_batch(r["batch_id"].as_str().unwrap(), Duration::from_secs(30))
+        .await;
+    let plain = reqwest::Client::new();
+    let h = plain
+        .get(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(h.status().as_u16(), 200);
+    let ready: Value = plain
+        .get(format!("{}/readyz", app.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["database"], true);
+    let text = plain
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "enricher_attempts_total{outcome=\"succeeded\"}",
+        "enricher_task_duration_seconds_bucket",
+        "enricher_tokens_total{provider=\"stub\",direction=\"prompt\"}",
+        "enricher_tasks{status=\"succeeded\"}",
+        "enricher_drafts{status=",
+        "enricher_queue_depth",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
+    }
+}

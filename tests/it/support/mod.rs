@@ -161,6 +161,8 @@ pub fn test_settings(db_url: &str) -> Settings {
     s.worker.backoff_max_ms = 1_000;
     s.worker.max_attempts = 3;
     s.worker.concurrency = 8;
+    s.worker.heartbeat_s = 1;
+    s.worker.missed_heartbeats = 2;
     s.default_provider = "stub".into();
     s
 }
@@ -180,6 +182,7 @@ pub fn remote_provider(base_url: &str) -> ProviderSettings {
         structured_output: true,
         sampling: None,
         threads: 0,
+        simulated_latency_ms: 0,
     }
 }
 
