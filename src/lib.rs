@@ -4,6 +4,7 @@
 //! See ARCHITECTURE.md for the map and the path of one job.
 
 pub mod auth;
+pub mod bench;
 pub mod channel;
 pub mod checks;
 pub mod config;

@@ -57,6 +57,9 @@ enum Command {
     /// Create, list or revoke API tokens.
     #[command(subcommand)]
     Tokens(cli::tokens::TokensCommand),
+    /// Measure throughput and overhead (prints figures).
+    #[command(subcommand)]
+    Bench(cli::bench::BenchCommand),
     /// Create or upgrade the database schema.
     Migrate,
 }

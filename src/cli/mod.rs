@@ -1,5 +1,6 @@
 //! Command implementations (the binary edge: anyhow lives here, not in the library).
 
+pub mod bench;
 pub mod demo;
 pub mod models;
 pub mod review;
@@ -40,6 +41,7 @@ pub async fn run(config: Option<&Path>, command: Command) -> anyhow::Result<Exit
         Command::Export(args) => review::export(settings, args).await,
         Command::Models(cmd) => models::run(settings, cmd).await,
         Command::Tokens(cmd) => tokens::run(settings, cmd).await,
+        Command::Bench(cmd) => bench::run(settings, cmd).await,
         Command::Migrate => {
             let app = App::init(settings).await?;
             println!("database migrated ({})", app.db.backend());

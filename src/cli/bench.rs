@@ -1,0 +1,105 @@
+//! `enricher bench queue|pipeline|remote`: prints figures (see `enricher::bench`).
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use enricher::{bench, config::Settings};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// End-to-end jobs/s (submit -> draft stored) with the instant stub provider.
+    Queue {
+        /// sqlite, postgres, or both (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "sqlite")]
+        backend: Vec<String>,
+        /// Worker processes to try (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        workers: Vec<usize>,
+        #[arg(long, default_value_t = 2000)]
+        jobs: usize,
+        /// Tasks in flight per worker process.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// PostgreSQL server for the postgres runs (a database is created and dropped).
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
+        pg: String,
+    },
+    /// CPU per job of the pipeline alone (render, generate with the stub, parse, check).
+    Pipeline {
+        #[arg(long, default_value_t = 2000)]
+        jobs: usize,
+    },
+    /// Remote-provider throughput against a loopback server with a fixed latency.
+    Remote {
+        #[arg(long, default_value_t = 200)]
+        latency_ms: u64,
+        #[arg(long, value_delimiter = ',', default_value = "8,32,64")]
+        concurrency: Vec<usize>,
+        /// Requests per concurrency slot.
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+    },
+}
+
+pub async fn run(settings: Settings, cmd: BenchCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BenchCommand::Queue {
+            backend,
+            workers,
+            jobs,
+            concurrency,
+            pg,
+        } => {
+            println!(
+                "| backend | worker processes | jobs | seconds | jobs/s | worker CPU ms/job |"
+            );
+            println!("| --- | --- | --- | --- | --- | --- |");
+            for b in &backend {
+                for &w in &workers {
+                    let f = bench::queue(&settings, b, w, jobs, concurrency, &pg).await?;
+                    println!(
+                        "| {} | {} | {} | {:.2} | {:.0} | {:.3} |",
+                        f.backend,
+                        f.workers,
+                        f.jobs,
+                        f.seconds,
+                        f.jobs_per_second,
+                        f.worker_cpu_ms_per_job
+                    );
+                }
+            }
+        }
+        BenchCommand::Pipeline { jobs } => {
+            let f = bench::pipeline(&settings, jobs).await?;
+            println!(
+                "pipeline (channels {}): {} jobs, {:.3} ms CPU per job, {:.3} ms wall per job",
+                f.channels.join(","),
+                f.jobs,
+                f.cpu_ms_per_job,
+                f.wall_ms_per_job
+            );
+        }
+        BenchCommand::Remote {
+            latency_ms,
+            concurrency,
+            rounds,
+        } => {
+            println!("| concurrency | latency ms | requests | seconds | req/s | limit req/s | fraction of limit |");
+            println!("| --- | --- | --- | --- | --- | --- | --- |");
+            for c in concurrency {
+                let f = bench::remote(c, latency_ms, rounds).await?;
+                println!(
+                    "| {} | {} | {} | {:.2} | {:.1} | {:.1} | {:.1}% |",
+                    f.concurrency,
+                    f.latency_ms,
+                    f.requests,
+                    f.seconds,
+                    f.requests_per_second,
+                    f.limit_per_second,
+                    f.fraction_of_limit * 100.0
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
