@@ -367,6 +367,7 @@ pub async fn remote(
         sampling: None,
         threads: 0,
         simulated_latency_ms: 0,
+        rate_limit: Default::default(),
     };
     let provider: Arc<dyn Provider> =
         Arc::new(crate::llm::openai::OpenAiProvider::new("bench", &ps).map_err(setup)?);

@@ -51,6 +51,7 @@ pub struct Settings {
     pub providers: BTreeMap<String, ProviderSettings>,
     pub log: LogSettings,
     pub repair: RepairSettings,
+    pub budget: BudgetSettings,
 }
 
 /// How hard the pipeline tries to fix copy that fails its checks.
@@ -170,6 +171,36 @@ pub struct ProviderSettings {
     /// Stub only: pretend each generation takes this long (benchmarks, fault tests).
     #[serde(default)]
     pub simulated_latency_ms: u64,
+    /// Requests and tokens per minute for this provider, across every worker that shares
+    /// the database.
+    #[serde(default)]
+    pub rate_limit: RateLimit,
+}
+
+/// A provider's shared rate limit; unset means unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RateLimit {
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
+    /// Length of the window the limits count over, in seconds (default 60: the limits are
+    /// per minute).
+    #[serde(default)]
+    pub window_s: Option<u32>,
+}
+
+impl RateLimit {
+    pub fn is_set(&self) -> bool {
+        self.requests_per_minute.is_some() || self.tokens_per_minute.is_some()
+    }
+}
+
+/// Token budgets. A batch can carry its own budget (set at submission or later).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BudgetSettings {
+    /// Tokens (prompt + completion, all providers) per UTC day; tasks wait for the next day
+    /// once it is spent.
+    pub daily_tokens: Option<u64>,
 }
 
 fn default_timeout_s() -> u64 {
@@ -257,6 +288,7 @@ impl Default for Settings {
                 sampling: None,
                 threads: 0,
                 simulated_latency_ms: 0,
+                rate_limit: RateLimit::default(),
             },
         );
         providers.insert(
@@ -273,6 +305,7 @@ impl Default for Settings {
                 sampling: None,
                 threads: 0,
                 simulated_latency_ms: 0,
+                rate_limit: RateLimit::default(),
             },
         );
         providers.insert(
@@ -289,6 +322,7 @@ impl Default for Settings {
                 sampling: None,
                 threads: 0,
                 simulated_latency_ms: 0,
+                rate_limit: RateLimit::default(),
             },
         );
         Self {
@@ -303,6 +337,7 @@ impl Default for Settings {
             providers,
             log: LogSettings::default(),
             repair: RepairSettings::default(),
+            budget: BudgetSettings::default(),
         }
     }
 }

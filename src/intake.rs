@@ -26,6 +26,8 @@ pub enum IntakeError {
     NothingValid(Vec<SpecError>),
     #[error("the submission is empty")]
     Empty,
+    #[error("token_budget must be a positive number of tokens")]
+    Budget,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -52,12 +54,46 @@ pub async fn submit_bytes(
     source: &str,
     submitted_by: Option<&str>,
 ) -> Result<IntakeReport, IntakeError> {
+    submit_bytes_with(
+        db,
+        channels,
+        settings,
+        bytes,
+        requested_channels,
+        source,
+        submitted_by,
+        None,
+    )
+    .await
+}
+
+/// [`submit_bytes`] with a token budget for the batch.
+#[allow(clippy::too_many_arguments)]
+pub async fn submit_bytes_with(
+    db: &Db,
+    channels: &Channels,
+    settings: &Settings,
+    bytes: &[u8],
+    requested_channels: &[String],
+    source: &str,
+    submitted_by: Option<&str>,
+    token_budget: Option<i64>,
+) -> Result<IntakeReport, IntakeError> {
     let channel_list = channels.resolve(requested_channels)?;
     let records = spec::parse_submission(bytes, &settings.limits);
     if records.is_empty() {
         return Err(IntakeError::Empty);
     }
-    submit_records(db, settings, records, channel_list, source, submitted_by).await
+    submit_records(
+        db,
+        settings,
+        records,
+        channel_list,
+        source,
+        submitted_by,
+        token_budget,
+    )
+    .await
 }
 
 /// Queues already parsed records.
@@ -68,7 +104,11 @@ pub async fn submit_records(
     channel_list: Vec<String>,
     source: &str,
     submitted_by: Option<&str>,
+    token_budget: Option<i64>,
 ) -> Result<IntakeReport, IntakeError> {
+    if token_budget.is_some_and(|b| b <= 0) {
+        return Err(IntakeError::Budget);
+    }
     let mut specs = Vec::new();
     let mut rejected = Vec::new();
     let mut seen: HashMap<String, Position> = HashMap::new();
@@ -109,6 +149,7 @@ pub async fn submit_records(
             max_attempts: settings.worker.max_attempts,
             feedback: None,
             parent_draft_id: None,
+            token_budget,
         },
     )
     .await?;

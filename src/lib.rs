@@ -11,6 +11,7 @@ pub mod config;
 pub mod delivery;
 pub mod http;
 pub mod intake;
+pub mod limits;
 pub mod llm;
 pub mod models;
 pub mod pipeline;

@@ -40,6 +40,8 @@ enum Command {
     Submit(cli::submit::SubmitArgs),
     /// Show a batch's progress (or list recent batches).
     Status(cli::submit::StatusArgs),
+    /// Set or remove a batch's token budget (resumes a paused batch).
+    Budget(cli::submit::BudgetArgs),
     /// List or show drafts.
     #[command(subcommand)]
     Drafts(cli::review::DraftsCommand),

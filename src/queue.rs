@@ -57,10 +57,11 @@ async fn handle_enrich(
     job: EnrichJob,
     deps: Data<Arc<EnrichDeps>>,
     attempt: Attempt,
+    job_id: TaskId,
 ) -> Result<(), BoxDynError> {
     let n = attempt.current().max(1) as i64;
     let started = std::time::Instant::now();
-    let result = run_attempt(&deps, &job.task_id, n).await;
+    let result = run_attempt(&deps, &job.task_id, &job_id.to_string(), n).await;
     let outcome = match &result {
         Ok(()) => "succeeded",
         Err(AttemptError::Retry(_)) => "retry",
@@ -95,6 +96,7 @@ pub fn backoff(settings: &Settings, attempt: i64) -> Duration {
 pub async fn run_attempt(
     deps: &EnrichDeps,
     task_id: &str,
+    job_id: &str,
     attempt: i64,
 ) -> Result<(), AttemptError> {
     let db = &deps.db;
@@ -120,8 +122,24 @@ pub async fn run_attempt(
         Err(e @ (StoreError::Corrupt(_) | StoreError::NotFound(_))) => {
             return fail(db, task_id, &e.to_string()).await;
         }
-        Err(e) => return retry_or_fail(deps, task_id, attempt, max, &e.to_string(), None).await,
+        Err(e) => {
+            return retry_or_fail(deps, task_id, job_id, attempt, max, &e.to_string(), None).await
+        }
     };
+    match crate::limits::over_budget(db, deps.settings.budget.daily_tokens, &task.batch_id).await {
+        Ok(None) => {}
+        Ok(Some(reason)) => {
+            // parked, not failed: no attempt is spent; raising the budget resumes it
+            tracing::info!(task_id, %reason, "task parked");
+            return match store::limits::park(db, task_id, &task.batch_id, &reason).await {
+                Ok(()) => Ok(()),
+                Err(e) => Err(AttemptError::Retry(e.to_string())),
+            };
+        }
+        Err(e) => {
+            return retry_or_fail(deps, task_id, job_id, attempt, max, &e.to_string(), None).await
+        }
+    }
     let timeout = Duration::from_secs(deps.settings.worker.task_timeout_s.max(1));
     let result = tokio::time::timeout(
         timeout,
@@ -132,18 +150,30 @@ pub async fn run_attempt(
     let outcome = match result {
         Err(_) => {
             let msg = format!("attempt timed out after {}s", timeout.as_secs());
-            return retry_or_fail(deps, task_id, attempt, max, &msg, None).await;
+            return retry_or_fail(deps, task_id, job_id, attempt, max, &msg, None).await;
         }
         Ok(Err(e)) if e.is_retryable() => {
             let ra = match &e {
                 crate::pipeline::PipelineError::Llm(l) => l.retry_after(),
                 _ => None,
             };
-            return retry_or_fail(deps, task_id, attempt, max, &e.to_string(), ra).await;
+            return retry_or_fail(deps, task_id, job_id, attempt, max, &e.to_string(), ra).await;
         }
         Ok(Err(e)) => return fail(db, task_id, &e.to_string()).await,
         Ok(Ok(o)) => o,
     };
+    let spent = (outcome.provenance.prompt_tokens + outcome.provenance.completion_tokens) as i64;
+    if let Err(e) = store::limits::record_usage(
+        db,
+        &crate::limits::today(),
+        &outcome.provenance.model.provider,
+        &task.batch_id,
+        spent,
+    )
+    .await
+    {
+        tracing::warn!(task_id, error = %e, "could not record token usage");
+    }
     let provenance = serde_json::to_value(&outcome.provenance)
         .map_err(|e| AttemptError::Abort(format!("provenance: {e}")))?;
     let stored = store::drafts::insert_for_task(
@@ -171,6 +201,7 @@ pub async fn run_attempt(
             retry_or_fail(
                 deps,
                 task_id,
+                job_id,
                 attempt,
                 max,
                 &format!("storing the draft: {e}"),
@@ -192,6 +223,7 @@ async fn fail(db: &Db, task_id: &str, msg: &str) -> Result<(), AttemptError> {
 async fn retry_or_fail(
     deps: &EnrichDeps,
     task_id: &str,
+    job_id: &str,
     attempt: i64,
     max: i64,
     msg: &str,
@@ -211,7 +243,7 @@ async fn retry_or_fail(
         error = msg,
         "attempt failed; will retry"
     );
-    if let Err(e) = jobs::delay(&deps.db, task_id, run_at).await {
+    if let Err(e) = jobs::delay(&deps.db, job_id, run_at).await {
         tracing::error!(task_id, error = %e, "could not schedule the retry");
     }
     if let Err(e) = store::tasks::mark_retrying(&deps.db, task_id, msg).await {

@@ -66,6 +66,15 @@ impl App {
     pub async fn pipeline(&self) -> Result<Arc<Pipeline>, StartupError> {
         let names: Vec<String> = self.channels.names().map(str::to_string).collect();
         let providers = Providers::from_settings(&self.settings, &names).await?;
+        let settings = self.settings.clone();
+        let db = self.db.clone();
+        let providers =
+            providers.wrap(|name, p| match settings.providers.get(name) {
+                Some(ps) if ps.rate_limit.is_set() => Arc::new(
+                    crate::limits::LimitedProvider::new(p, db.clone(), name, ps.rate_limit.clone()),
+                ),
+                _ => p,
+            });
         Ok(Arc::new(self.pipeline_with(providers)))
     }
 
@@ -175,6 +184,21 @@ pub async fn start(app: &App, opts: RunOptions) -> Result<Running, StartupError>
         let name = opts.worker_name.clone();
         let grace = opts.grace;
         tracing::info!(worker = %name, concurrency = app.settings.worker.concurrency, "queue workers started");
+        // budget and rate-window housekeeping, while the workers run
+        let (db, daily, t2) = (
+            app.db.clone(),
+            app.settings.budget.daily_tokens,
+            token.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                crate::limits::maintain(&db, daily).await;
+                tokio::select! {
+                    _ = t2.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                }
+            }
+        });
         tasks.push(tokio::spawn(async move {
             let r = queue::run_workers(deps, name, async move { t.cancelled().await }, grace)
                 .await

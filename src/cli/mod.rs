@@ -34,6 +34,7 @@ pub async fn run(config: Option<&Path>, command: Command) -> anyhow::Result<Exit
         Command::Worker => serve(settings, None, true, false).await,
         Command::Submit(args) => submit::submit(settings, args).await,
         Command::Status(args) => submit::status(settings, args).await,
+        Command::Budget(args) => submit::budget(settings, args).await,
         Command::Drafts(cmd) => review::drafts(settings, cmd).await,
         Command::Approve(args) => review::approve(settings, args).await,
         Command::Reject(args) => review::reject(settings, args).await,

@@ -25,6 +25,24 @@ pub struct SubmitArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Tokens (prompt + completion) this batch may spend; over it, the batch pauses.
+    #[arg(long)]
+    pub token_budget: Option<i64>,
+}
+
+#[derive(Debug, Args)]
+pub struct BudgetArgs {
+    pub batch: String,
+    /// The batch's new token budget.
+    #[arg(
+        long,
+        conflicts_with = "unlimited",
+        required_unless_present = "unlimited"
+    )]
+    pub tokens: Option<i64>,
+    /// Remove the batch's token budget.
+    #[arg(long)]
+    pub unlimited: bool,
 }
 
 #[derive(Debug, Args)]
@@ -48,7 +66,7 @@ pub async fn submit(settings: Settings, args: SubmitArgs) -> anyhow::Result<Exit
     };
     let app = super::open(settings).await?;
     let source = args.file.display().to_string();
-    let report = match intake::submit_bytes(
+    let report = match intake::submit_bytes_with(
         &app.db,
         &app.channels,
         &app.settings,
@@ -56,6 +74,7 @@ pub async fn submit(settings: Settings, args: SubmitArgs) -> anyhow::Result<Exit
         &args.channels,
         &source,
         Some("cli"),
+        args.token_budget,
     )
     .await
     {
@@ -149,6 +168,24 @@ pub async fn follow(app: &App, batch_id: &str, bar: bool) -> anyhow::Result<Batc
         pb.set_message(summary_line(&status));
         if status.done {
             break;
+        }
+        let active = ["running", "retrying"]
+            .iter()
+            .map(|k| status.tasks_by_status.get(*k).copied().unwrap_or(0))
+            .sum::<i64>();
+        if let Some(reason) = &status.paused_reason {
+            if active == 0
+                && store::limits::parked_count(&app.db, batch_id)
+                    .await
+                    .unwrap_or(0)
+                    > 0
+            {
+                pb.abandon_with_message(format!("paused: {reason}"));
+                eprintln!(
+                    "batch {batch_id} is paused: {reason}\nraise its budget with `enricher budget {batch_id} --tokens N` (or --unlimited)"
+                );
+                break;
+            }
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
         status = store::batches::get(&app.db, batch_id).await?;
@@ -268,5 +305,26 @@ pub async fn status(settings: Settings, args: StatusArgs) -> anyhow::Result<Exit
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn budget(settings: Settings, args: BudgetArgs) -> anyhow::Result<ExitCode> {
+    let app = super::open(settings).await?;
+    let budget = if args.unlimited { None } else { args.tokens };
+    if budget.is_some_and(|b| b <= 0) {
+        anyhow::bail!("--tokens must be a positive number");
+    }
+    store::limits::set_batch_budget(&app.db, &args.batch, budget).await?;
+    let resumed = match enricher::limits::over_budget(&app.db, None, &args.batch).await? {
+        None => {
+            store::limits::resume_parked(&app.db, Some(&args.batch), "batch token budget").await?
+        }
+        Some(_) => 0,
+    };
+    println!(
+        "batch {}: token budget {}; {resumed} parked tasks resumed",
+        args.batch,
+        budget.map_or("removed".to_string(), |b| b.to_string())
+    );
     Ok(ExitCode::SUCCESS)
 }

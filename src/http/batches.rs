@@ -33,6 +33,7 @@ pub fn router() -> Router<AppState> {
         .route("/v1/batches/{id}", get(status))
         .route("/v1/batches/{id}/tasks", get(tasks))
         .route("/v1/batches/{id}/errors", get(errors))
+        .route("/v1/batches/{id}/budget", axum::routing::put(set_budget))
         .route("/v1/tasks/{id}", get(task))
 }
 
@@ -40,6 +41,8 @@ pub fn router() -> Router<AppState> {
 struct SubmitQuery {
     channels: Option<String>,
     source: Option<String>,
+    /// Tokens the batch may spend; over it, the batch pauses.
+    token_budget: Option<i64>,
 }
 
 #[tracing::instrument(skip_all)]
@@ -90,7 +93,7 @@ async fn submit(
         }
         let (name, data) =
             file.ok_or_else(|| ApiError::unprocessable("file", "a `file` part is required"))?;
-        intake::submit_bytes(
+        intake::submit_bytes_with(
             &s.db,
             &s.channels,
             &s.settings,
@@ -98,6 +101,7 @@ async fn submit(
             &channels,
             &format!("upload:{name}"),
             Some(&who),
+            q.token_budget,
         )
         .await?
     } else {
@@ -105,14 +109,22 @@ async fn submit(
             .await
             .map_err(|e| ApiError::BadRequest(format!("reading the body: {e}")))?;
         match wrapper(&body, &s.settings.limits)? {
-            Some((records, wrapped_channels)) => {
+            Some((records, wrapped_channels, wrapped_budget)) => {
                 channels.extend(wrapped_channels);
                 let list = s.channels.resolve(&channels)?;
-                intake::submit_records(&s.db, &s.settings, records, list, &source, Some(&who))
-                    .await?
+                intake::submit_records(
+                    &s.db,
+                    &s.settings,
+                    records,
+                    list,
+                    &source,
+                    Some(&who),
+                    q.token_budget.or(wrapped_budget),
+                )
+                .await?
             }
             None => {
-                intake::submit_bytes(
+                intake::submit_bytes_with(
                     &s.db,
                     &s.channels,
                     &s.settings,
@@ -120,6 +132,7 @@ async fn submit(
                     &channels,
                     &source,
                     Some(&who),
+                    q.token_budget,
                 )
                 .await?
             }
@@ -134,7 +147,7 @@ type Records = Vec<(Position, Result<spec::ProductSpec, spec::SpecError>)>;
 fn wrapper(
     body: &[u8],
     limits: &crate::config::InputLimits,
-) -> Result<Option<(Records, Vec<String>)>, ApiError> {
+) -> Result<Option<(Records, Vec<String>, Option<i64>)>, ApiError> {
     let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(body) else {
         return Ok(None);
     };
@@ -160,6 +173,13 @@ fn wrapper(
                 "must be an array of channel names",
             ))
         }
+    };
+    let budget = match obj.remove("token_budget") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(n.as_i64().ok_or_else(|| {
+            ApiError::unprocessable("token_budget", "must be a positive whole number")
+        })?),
+        Some(_) => return Err(ApiError::unprocessable("token_budget", "must be a number")),
     };
     let records = match (obj.remove("products"), obj.remove("product")) {
         (Some(Value::Array(items)), None) => items
@@ -189,7 +209,7 @@ fn wrapper(
             ))
         }
     };
-    Ok(Some((records, channels)))
+    Ok(Some((records, channels, budget)))
 }
 
 fn receipt(r: &IntakeReport) -> Value {
@@ -280,4 +300,40 @@ async fn task(
     Ok(Json(
         serde_json::to_value(t).map_err(|e| ApiError::Internal(e.to_string()))?,
     ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BudgetBody {
+    /// Tokens the batch may spend; `null` removes the limit.
+    token_budget: Option<i64>,
+}
+
+/// Sets (or removes) a batch's token budget and resumes its parked tasks when it allows.
+async fn set_budget(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(b): Json<BudgetBody>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Submitter)?;
+    if b.token_budget.is_some_and(|t| t <= 0) {
+        return Err(ApiError::unprocessable(
+            "token_budget",
+            "must be a positive number of tokens, or null",
+        ));
+    }
+    store::limits::set_batch_budget(&s.db, &id, b.token_budget).await?;
+    store::audit::record(
+        &s.db,
+        &store::audit::Entry::new(&caller.actor(), "batch.budget", "batch", &id)
+            .after(serde_json::json!({"token_budget": b.token_budget})),
+    )
+    .await?;
+    let resumed = match crate::limits::over_budget(&s.db, None, &id).await? {
+        None => store::limits::resume_parked(&s.db, Some(&id), "batch token budget").await?,
+        Some(_) => 0,
+    };
+    let batch = store::batches::get(&s.db, &id).await?;
+    Ok(Json(json!({ "batch": batch, "resumed_tasks": resumed })))
 }

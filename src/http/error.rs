@@ -128,6 +128,9 @@ impl From<IntakeError> for ApiError {
         match e {
             IntakeError::Channel(c) => c.into(),
             IntakeError::Empty => ApiError::unprocessable("products", "the submission is empty"),
+            IntakeError::Budget => {
+                ApiError::unprocessable("token_budget", "must be a positive number of tokens")
+            }
             IntakeError::NothingValid(errors) => ApiError::Unprocessable {
                 field: "products".into(),
                 message: format!(

@@ -288,6 +288,19 @@ impl Providers {
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.by_name.keys().map(String::as_str)
     }
+
+    /// Replaces each provider with `f(name, provider)` (e.g. to add a rate limit).
+    pub fn wrap(mut self, f: impl Fn(&str, Arc<dyn Provider>) -> Arc<dyn Provider>) -> Self {
+        self.by_name = self
+            .by_name
+            .into_iter()
+            .map(|(n, p)| {
+                let w = f(&n, p);
+                (n, w)
+            })
+            .collect();
+        self
+    }
 }
 
 /// The one place that maps a provider kind to its implementation.

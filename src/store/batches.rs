@@ -21,6 +21,8 @@ pub struct NewSubmission<'a> {
     pub feedback: Option<&'a str>,
     /// The draft a regeneration replaces, if any.
     pub parent_draft_id: Option<&'a str>,
+    /// Tokens this batch may spend (prompt + completion); `None` = no limit.
+    pub token_budget: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -43,8 +45,8 @@ pub async fn insert_submission(db: &Db, sub: &NewSubmission<'_>) -> Result<Recei
     let now = now_ms();
     let mut tx = db.begin().await?;
     on_tx!(&mut tx, c => sqlx::query(
-        "insert into batches (id, created_at, source, channels, products, input_errors, submitted_by)
-         values ($1, $2, $3, $4, $5, $6, $7)",
+        "insert into batches (id, created_at, source, channels, products, input_errors, submitted_by, token_budget)
+         values ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(&batch_id)
     .bind(now)
@@ -53,6 +55,7 @@ pub async fn insert_submission(db: &Db, sub: &NewSubmission<'_>) -> Result<Recei
     .bind(sub.specs.len() as i64)
     .bind(sub.errors.len() as i64)
     .bind(sub.submitted_by)
+    .bind(sub.token_budget)
     .execute(c)
     .await
     .map(|r| r.rows_affected()))?;
@@ -135,6 +138,9 @@ struct BatchRow {
     products: i64,
     input_errors: i64,
     submitted_by: Option<String>,
+    token_budget: Option<i64>,
+    tokens_used: i64,
+    paused_reason: Option<String>,
 }
 
 /// A batch with its progress.
@@ -154,6 +160,10 @@ pub struct BatchStatus {
     pub drafts_by_status: BTreeMap<String, i64>,
     /// Every task succeeded or failed.
     pub done: bool,
+    pub token_budget: Option<i64>,
+    pub tokens_used: i64,
+    /// Why the batch waits (budget exhausted), when it does.
+    pub paused_reason: Option<String>,
 }
 
 pub async fn get(db: &Db, id: &str) -> Result<BatchStatus, StoreError> {
@@ -192,6 +202,9 @@ async fn status_of(db: &Db, row: BatchRow) -> Result<BatchStatus, StoreError> {
         submitted_by: row.submitted_by,
         tasks: total,
         done: finished == total,
+        token_budget: row.token_budget,
+        tokens_used: row.tokens_used,
+        paused_reason: row.paused_reason,
         tasks_by_status,
         drafts_by_status: drafts.into_iter().collect(),
     })

@@ -17,33 +17,64 @@ pub async fn enqueue(
     payload: &[u8],
     max_attempts: i64,
 ) -> Result<(), StoreError> {
+    enqueue_generation(tx, queue, task_id, 0, payload, max_attempts).await
+}
+
+/// The job id of a task's `generation`-th queue job: the task id for the first, a fresh
+/// ULID for later ones (a resumed task gets a new job; the old one is done).
+fn job_id(task_id: &str, generation: i64) -> String {
+    if generation == 0 {
+        task_id.to_string()
+    } else {
+        ulid::Ulid::new().to_string()
+    }
+}
+
+/// Like [`enqueue`], for the `generation`-th job of a task (idempotency key
+/// `task_id` or `task_id#generation`).
+pub async fn enqueue_generation(
+    tx: &mut Tx,
+    queue: &str,
+    task_id: &str,
+    generation: i64,
+    payload: &[u8],
+    max_attempts: i64,
+) -> Result<(), StoreError> {
     let now_s = chrono::Utc::now().timestamp();
+    let id = job_id(task_id, generation);
+    let key = if generation == 0 {
+        task_id.to_string()
+    } else {
+        format!("{task_id}#{generation}")
+    };
     match tx {
         Tx::Sqlite(t) => {
             sqlx::query(
                 "insert into Jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority, metadata, idempotency_key)
-                 values ($1, $2, $3, 'Pending', 0, $4, $5, 0, '{}', $2)
+                 values ($1, $2, $3, 'Pending', 0, $4, $5, 0, '{}', $6)
                  on conflict (job_type, idempotency_key) do nothing",
             )
             .bind(payload)
-            .bind(task_id)
+            .bind(&id)
             .bind(queue)
             .bind(max_attempts)
             .bind(now_s)
+            .bind(&key)
             .execute(&mut **t)
             .await?;
         }
         Tx::Postgres(t) => {
             sqlx::query(
                 "insert into apalis.jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority, metadata, idempotency_key)
-                 values ($1, $2, $3, 'Pending', 0, $4, to_timestamp($5), 0, ''::hstore, $2)
+                 values ($1, $2, $3, 'Pending', 0, $4, to_timestamp($5), 0, ''::hstore, $6)
                  on conflict (job_type, idempotency_key) do nothing",
             )
             .bind(payload)
-            .bind(task_id)
+            .bind(&id)
             .bind(queue)
             .bind(max_attempts as i32)
             .bind(now_s as f64)
+            .bind(&key)
             .execute(&mut **t)
             .await?;
         }
@@ -54,19 +85,19 @@ pub async fn enqueue(
 /// Delays the next attempt of a failed job until `run_at_s` (Unix seconds). apalis re-fetches
 /// a failed job only once `run_at` has passed, so this is the retry backoff; it lives in the
 /// database, so it holds across restarts and across workers.
-pub async fn delay(db: &Db, task_id: &str, run_at_s: i64) -> Result<(), StoreError> {
+pub async fn delay(db: &Db, job_id: &str, run_at_s: i64) -> Result<(), StoreError> {
     match db {
         Db::Sqlite(p) => {
             sqlx::query("update Jobs set run_at = $1 where id = $2")
                 .bind(run_at_s)
-                .bind(task_id)
+                .bind(job_id)
                 .execute(p)
                 .await?;
         }
         Db::Postgres(p) => {
             sqlx::query("update apalis.jobs set run_at = to_timestamp($1) where id = $2")
                 .bind(run_at_s as f64)
-                .bind(task_id)
+                .bind(job_id)
                 .execute(p)
                 .await?;
         }
@@ -155,12 +186,12 @@ pub async fn release_worker_jobs(
     worker_prefix: &str,
 ) -> Result<u64, StoreError> {
     let pattern = format!("{}%", worker_prefix.replace('%', "\\%").replace('_', "\\_"));
-    let ids: Vec<String> = match db {
+    let payloads: Vec<Vec<u8>> = match db {
         Db::Sqlite(p) => {
             sqlx::query_scalar(
                 "update Jobs set status = 'Pending', lock_by = null, lock_at = null
                  where job_type = $1 and status in ('Queued', 'Running') and lock_by like $2 escape '\\'
-                 returning id",
+                 returning job",
             )
             .bind(queue)
             .bind(&pattern)
@@ -171,7 +202,7 @@ pub async fn release_worker_jobs(
             sqlx::query_scalar(
                 "update apalis.jobs set status = 'Pending', lock_by = null, lock_at = null
                  where job_type = $1 and status in ('Queued', 'Running') and lock_by like $2 escape '\\'
-                 returning id",
+                 returning job",
             )
             .bind(queue)
             .bind(&pattern)
@@ -179,7 +210,12 @@ pub async fn release_worker_jobs(
             .await?
         }
     };
-    for id in &ids {
+    let task_ids: Vec<String> = payloads
+        .iter()
+        .filter_map(|p| serde_json::from_slice::<super::batches::EnrichJob>(p).ok())
+        .map(|j| j.task_id)
+        .collect();
+    for id in &task_ids {
         crate::on_db!(db, p => sqlx::query("update tasks set status = 'queued', updated_at = $1 where id = $2 and status = 'running'")
             .bind(super::now_ms())
             .bind(id)
@@ -187,5 +223,5 @@ pub async fn release_worker_jobs(
             .await
             .map(|r| r.rows_affected()))?;
     }
-    Ok(ids.len() as u64)
+    Ok(payloads.len() as u64)
 }

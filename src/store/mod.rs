@@ -11,6 +11,7 @@ pub mod batches;
 pub mod comments;
 pub mod drafts;
 pub mod jobs;
+pub mod limits;
 pub mod stats;
 pub mod tasks;
 pub mod tokens;

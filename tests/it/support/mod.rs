@@ -183,6 +183,7 @@ pub fn remote_provider(base_url: &str) -> ProviderSettings {
         sampling: None,
         threads: 0,
         simulated_latency_ms: 0,
+        rate_limit: Default::default(),
     }
 }
 
