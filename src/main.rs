@@ -57,6 +57,12 @@ enum Command {
     /// Create, list or revoke API tokens.
     #[command(subcommand)]
     Tokens(cli::tokens::TokensCommand),
+    /// Add, list or remove webhook subscriptions.
+    #[command(subcommand)]
+    Webhooks(cli::webhooks::WebhooksCommand),
+    /// List, inspect or replay webhook deliveries.
+    #[command(subcommand)]
+    Deliveries(cli::webhooks::DeliveriesCommand),
     /// Create or upgrade the database schema.
     Migrate,
 }

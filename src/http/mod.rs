@@ -6,8 +6,10 @@ mod batches;
 mod content;
 mod drafts;
 pub mod error;
+mod feed;
 mod health;
 mod tokens;
+mod webhooks;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -34,6 +36,8 @@ pub fn router(state: AppState) -> Router {
         .merge(drafts::router())
         .merge(content::router())
         .merge(tokens::router())
+        .merge(webhooks::router())
+        .merge(feed::router())
         .layer(DefaultBodyLimit::max(limit))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
