@@ -47,8 +47,6 @@ pub enum DeliveryError {
 
 /// Characters of the receiver's response kept in the delivery log.
 pub const SNIPPET_CHARS: usize = 500;
-/// Extra lease time beyond the request timeout, for recording the outcome.
-const LEASE_MARGIN_MS: u64 = 5_000;
 
 /// The result of one HTTP attempt.
 #[derive(Debug, Clone, PartialEq)]
@@ -277,8 +275,10 @@ impl DeliveryWorker {
         })
     }
 
+    /// How long a claim holds its rows: the request's own limit, the same again for DNS and
+    /// recording the outcome, and a second. A worker that dies holds them no longer.
     fn lease_ms(&self) -> i64 {
-        (self.settings.request_timeout_ms + LEASE_MARGIN_MS) as i64
+        (self.settings.request_timeout_ms.saturating_mul(2) + 1_000) as i64
     }
 
     /// Claims and sends one round of due deliveries, waiting for them; returns how many were

@@ -5,5 +5,6 @@ mod support;
 
 mod api;
 mod cli;
+mod delivery;
 mod input;
 mod remote;
