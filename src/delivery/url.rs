@@ -431,4 +431,38 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, UrlError::Resolve { .. }), "{err}");
     }
+
+    #[tokio::test]
+    async fn the_http_clients_resolver_applies_the_policy_to_what_it_connects_to() {
+        use reqwest::dns::Resolve;
+        let name = |h: &str| h.parse::<reqwest::dns::Name>().unwrap();
+        let open = GuardedResolver { policy: DEFAULT };
+        let addrs: Vec<SocketAddr> = open.resolve(name("localhost")).await.unwrap().collect();
+        assert!(!addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback()));
+        let closed = GuardedResolver {
+            policy: AddressPolicy {
+                allow_private: false,
+                allow_loopback: false,
+            },
+        };
+        let err = match closed.resolve(name("localhost")).await {
+            Ok(_) => panic!("loopback resolved with loopback closed"),
+            Err(e) => e,
+        };
+        assert!(err.downcast_ref::<UrlError>().is_some(), "{err}");
+        // and through a real client: the request never leaves
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .dns_resolver(GuardedResolver::shared(closed.policy))
+            .build()
+            .unwrap();
+        let e = client.get("http://localhost:9/").send().await.unwrap_err();
+        let mut found = false;
+        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(s) = src {
+            found |= s.downcast_ref::<UrlError>().is_some();
+            src = s.source();
+        }
+        assert!(found, "the policy error is in the chain: {e:?}");
+    }
 }

@@ -106,9 +106,10 @@ impl Sender {
             Ok(u) => u,
             Err(e) => return refused(e),
         };
-        match url.check_resolved(self.policy).await {
-            Ok(()) => {}
-            Err(e @ UrlError::Resolve { .. }) => {
+        // (name resolution is bounded too: the lease assumes a send ends within the timeout)
+        match tokio::time::timeout(self.timeout, url.check_resolved(self.policy)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e @ UrlError::Resolve { .. })) => {
                 return SendOutcome::Retry {
                     status: None,
                     error: e.to_string(),
@@ -116,7 +117,15 @@ impl Sender {
                     snippet: None,
                 }
             }
-            Err(e) => return refused(e),
+            Ok(Err(e)) => return refused(e),
+            Err(_) => {
+                return SendOutcome::Retry {
+                    status: None,
+                    error: format!("resolving {} timed out", url.host()),
+                    retry_after: None,
+                    snippet: None,
+                }
+            }
         }
         let timestamp = chrono::Utc::now().timestamp();
         let sig = signature::sign(&d.secret, timestamp, d.payload.as_bytes());

@@ -27,7 +27,7 @@ use crate::{
     backend_tests,
     support::{
         enricher_bin, root, shared_lines,
-        webhook_receiver::{reserve_addr, Receiver, Reply},
+        webhook_receiver::{reserve_addr, Received, Receiver, Reply},
         Backend, TestApp, TestDb,
     },
 };
@@ -122,6 +122,27 @@ fn all_delivered(n: usize) -> impl Fn(&[store::deliveries::Delivery]) -> bool {
     }
 }
 
+/// No request for version v of a product arrives before version v-1 was answered 2xx.
+/// Returns the last delivered version per product.
+fn assert_version_order(got: &[Received]) -> BTreeMap<String, i64> {
+    let mut delivered: BTreeMap<String, i64> = BTreeMap::new();
+    for r in got {
+        let p = r.event["product_id"].as_str().unwrap().to_string();
+        let v = r.event["version"].as_i64().unwrap();
+        let done = delivered.get(&p).copied().unwrap_or(0);
+        assert_eq!(
+            v,
+            done + 1,
+            "{p}: version {v} was sent while version {} was not yet delivered",
+            done + 1
+        );
+        if r.ok() {
+            delivered.insert(p, v);
+        }
+    }
+    delivered
+}
+
 backend_tests!(
     approvals_arrive_signed_once_per_key,
     receiver_failures_are_retried_and_versions_stay_in_order,
@@ -130,6 +151,7 @@ backend_tests!(
     permanent_failures_are_dead_lettered_visible_and_replayable,
     feed_pages_concurrent_approvals_without_gaps_or_duplicates,
     feed_positions_are_commit_order,
+    many_workers_share_the_queue,
 );
 
 async fn approvals_arrive_signed_once_per_key(backend: Backend) {
@@ -295,22 +317,7 @@ async fn receiver_failures_are_retried_and_versions_stay_in_order(backend: Backe
     }
     assert_eq!(ok_per_key.len(), n, "all {n} arrived after recovery");
     assert!(ok_per_key.values().all(|c| *c == 1), "once per key");
-    // version order: no request for version v of a product before v-1 was answered 2xx
-    let mut delivered: BTreeMap<String, i64> = BTreeMap::new();
-    for r in &got {
-        let p = r.event["product_id"].as_str().unwrap().to_string();
-        let v = r.event["version"].as_i64().unwrap();
-        let done = delivered.get(&p).copied().unwrap_or(0);
-        assert_eq!(
-            v,
-            done + 1,
-            "{p}: version {v} was sent while version {} was not yet delivered",
-            done + 1
-        );
-        if r.ok() {
-            delivered.insert(p, v);
-        }
-    }
+    let delivered = assert_version_order(&got);
     assert!(delivered.values().all(|v| *v == 3), "{delivered:?}");
     // the attempt log shows each kind of failure
     let mut errors = Vec::new();
@@ -726,6 +733,72 @@ async fn feed_positions_are_commit_order(backend: Backend) {
         })
         .collect();
     assert_eq!(seen, vec![(1, a.id.clone()), (2, b.draft_id.clone())]);
+}
+
+/// Several delivery workers (as several processes would) claim from one queue: no delivery
+/// is sent twice, and versions still go in order.
+async fn many_workers_share_the_queue(backend: Backend) {
+    let receiver = Receiver::start(SECRET).await;
+    receiver.script([Reply::status(500), Reply::status(503), Reply::status(500)]);
+    let app = TestApp::spawn(backend, |s| {
+        fast(s);
+        s.delivery.enabled = false;
+        s.delivery.concurrency = 4;
+    })
+    .await;
+    subscribe(&app, &receiver.url(), None).await;
+    let r1 = ready_drafts(&app, 40, "seo").await;
+    let r2 = ready_drafts(&app, 40, "seo").await;
+    let both: HashSet<&str> = r1
+        .iter()
+        .map(|d| d["product_id"].as_str().unwrap())
+        .collect();
+    let mut n = 0;
+    for d in r1.iter().chain(r2.iter()) {
+        if both.contains(d["product_id"].as_str().unwrap()) {
+            approve(&app, d["id"].as_str().unwrap()).await;
+            n += 1;
+        }
+    }
+    let token = tokio_util::sync::CancellationToken::new();
+    let workers: Vec<_> = (0..4)
+        .map(|i| {
+            let w = DeliveryWorker::new(
+                app.db().clone(),
+                &app.app.settings.delivery,
+                &format!("w{i}"),
+            )
+            .unwrap();
+            tokio::spawn(w.run(token.clone()))
+        })
+        .collect();
+    let t0 = Instant::now();
+    receiver
+        .wait_until(Duration::from_secs(60), "every event", |r| {
+            r.iter().filter(|x| x.ok()).count() >= n
+        })
+        .await;
+    wait_deliveries(&app, Duration::from_secs(30), "recorded", all_delivered(n)).await;
+    let took = t0.elapsed();
+    token.cancel();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let got = receiver.received();
+    assert_eq!(
+        got.len(),
+        n + 3,
+        "each delivery sent once, plus the 3 scripted failures"
+    );
+    let keys: HashSet<&str> = got
+        .iter()
+        .filter(|r| r.ok())
+        .map(|r| r.key.as_str())
+        .collect();
+    assert_eq!(keys.len(), n);
+    let delivered = assert_version_order(&got);
+    assert!(delivered.values().all(|v| *v == 2));
+    eprintln!("[{backend:?}] 4 workers delivered {n} events in {took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
