@@ -52,6 +52,50 @@ pub struct Settings {
     pub log: LogSettings,
     pub repair: RepairSettings,
     pub budget: BudgetSettings,
+    /// Webhook delivery of approved content.
+    pub delivery: DeliverySettings,
+}
+
+/// Webhook delivery (see `delivery::worker`). Durations are milliseconds unless named `_s`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DeliverySettings {
+    /// Run the delivery worker wherever queue workers run (`serve`, `worker`).
+    pub enabled: bool,
+    /// How often an idle delivery worker looks for due deliveries.
+    pub poll_interval_ms: u64,
+    /// Webhook requests in flight at once from one process.
+    pub concurrency: usize,
+    /// Limit of one webhook request: connect, send, and the response.
+    pub request_timeout_ms: u64,
+    /// How long a delivery keeps being retried, counted from its event (or its replay),
+    /// before it is dead-lettered.
+    pub retry_budget_s: u64,
+    /// Backoff before retry n: about `base * 2^(n-1)`, capped at `max`, with jitter; a
+    /// longer `Retry-After` from the receiver wins.
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    /// Allow webhook URLs whose host is (or resolves to) a private, shared, link-local,
+    /// unique-local or reserved address. Off by default: a guard against SSRF.
+    pub allow_private_networks: bool,
+    /// Allow loopback addresses (127.0.0.0/8, ::1), for local receivers and tests.
+    pub allow_loopback: bool,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            poll_interval_ms: 500,
+            concurrency: 16,
+            request_timeout_ms: 10_000,
+            retry_budget_s: 24 * 60 * 60,
+            backoff_base_ms: 2_000,
+            backoff_max_ms: 60 * 60 * 1_000,
+            allow_private_networks: false,
+            allow_loopback: true,
+        }
+    }
 }
 
 /// How hard the pipeline tries to fix copy that fails its checks.
@@ -338,6 +382,7 @@ impl Default for Settings {
             log: LogSettings::default(),
             repair: RepairSettings::default(),
             budget: BudgetSettings::default(),
+            delivery: DeliverySettings::default(),
         }
     }
 }
@@ -424,6 +469,11 @@ impl Settings {
         if self.worker.concurrency == 0 {
             return Err(ConfigError::Invalid(
                 "worker.concurrency must be at least 1".into(),
+            ));
+        }
+        if self.delivery.concurrency == 0 || self.delivery.request_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "delivery.concurrency and delivery.request_timeout_ms must be at least 1".into(),
             ));
         }
         Ok(())

@@ -62,6 +62,12 @@ enum Command {
     /// Measure throughput and overhead (prints figures).
     #[command(subcommand)]
     Bench(cli::bench::BenchCommand),
+    /// Add, list or remove webhook subscriptions.
+    #[command(subcommand)]
+    Webhooks(cli::webhooks::WebhooksCommand),
+    /// List, inspect or replay webhook deliveries.
+    #[command(subcommand)]
+    Deliveries(cli::webhooks::DeliveriesCommand),
     /// Create or upgrade the database schema.
     Migrate,
 }

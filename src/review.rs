@@ -259,6 +259,8 @@ pub async fn approve(
             .after(serde_json::json!({"status": DraftStatus::Approved, "fields": approved_fields, "version": content.version})),
     )
     .await?;
+    // the delivery event (feed entry + webhook deliveries) commits with the approval
+    store::outbox::record_approval(&mut tx, &content).await?;
     tx.commit().await?;
     tracing::info!(draft_id = %d.id, product_id = %d.product_id, channel = %d.channel, version = content.version, "draft approved");
     Ok(content)

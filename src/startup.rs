@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     channel::{ChannelError, Channels},
     config::Settings,
+    delivery::worker::{DeliveryError, DeliveryWorker},
     http::{AppState, HttpServer},
     llm::{LlmError, Providers},
     pipeline::Pipeline,
@@ -26,6 +27,8 @@ pub enum StartupError {
     Prompt(#[from] PromptError),
     #[error(transparent)]
     Llm(#[from] LlmError),
+    #[error(transparent)]
+    Delivery(#[from] DeliveryError),
     #[error("binding the HTTP listener on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -171,6 +174,19 @@ pub async fn start(app: &App, opts: RunOptions) -> Result<Running, StartupError>
                 .await
                 .map_err(|e| format!("HTTP server: {e}"));
             r
+        }));
+    }
+    // Webhook delivery runs wherever queue workers run (`serve`, `worker`).
+    if opts.workers.is_some() && app.settings.delivery.enabled {
+        let worker = DeliveryWorker::new(
+            app.db.clone(),
+            &app.settings.delivery,
+            &format!("{}-delivery", opts.worker_name),
+        )?;
+        let t = token.clone();
+        tasks.push(tokio::spawn(async move {
+            worker.run(t).await;
+            Ok(())
         }));
     }
     if let Some(pipeline) = opts.workers {

@@ -6,6 +6,7 @@ pub mod models;
 pub mod review;
 pub mod submit;
 pub mod tokens;
+pub mod webhooks;
 
 use std::{path::Path, process::ExitCode, time::Duration};
 
@@ -43,6 +44,8 @@ pub async fn run(config: Option<&Path>, command: Command) -> anyhow::Result<Exit
         Command::Models(cmd) => models::run(settings, cmd).await,
         Command::Tokens(cmd) => tokens::run(settings, cmd).await,
         Command::Bench(cmd) => bench::run(settings, cmd).await,
+        Command::Webhooks(cmd) => webhooks::webhooks(settings, cmd).await,
+        Command::Deliveries(cmd) => webhooks::deliveries(settings, cmd).await,
         Command::Migrate => {
             let app = App::init(settings).await?;
             println!("database migrated ({})", app.db.backend());

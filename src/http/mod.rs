@@ -6,10 +6,12 @@ mod batches;
 mod content;
 mod drafts;
 pub mod error;
+mod feed;
 mod health;
 mod metrics;
 mod tokens;
 mod ui;
+mod webhooks;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -38,6 +40,8 @@ pub fn router(state: AppState) -> Router {
         .merge(content::router())
         .merge(tokens::router())
         .merge(ui::router())
+        .merge(webhooks::router())
+        .merge(feed::router())
         .layer(DefaultBodyLimit::max(limit))
         .layer(TraceLayer::new_for_http())
         .with_state(state)

@@ -9,12 +9,15 @@ pub mod approved;
 pub mod audit;
 pub mod batches;
 pub mod comments;
+pub mod deliveries;
 pub mod drafts;
 pub mod jobs;
 pub mod limits;
+pub mod outbox;
 pub mod stats;
 pub mod tasks;
 pub mod tokens;
+pub mod webhooks;
 
 use std::{str::FromStr, time::Duration};
 

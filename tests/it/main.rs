@@ -6,6 +6,7 @@ mod support;
 mod api;
 mod browser;
 mod cli;
+mod delivery;
 mod input;
 mod remote;
 mod roles;

@@ -5,6 +5,7 @@
 #![allow(dead_code, clippy::field_reassign_with_default)]
 
 pub mod fake_openai;
+pub mod webhook_receiver;
 
 use std::{
     path::{Path, PathBuf},
