@@ -8,5 +8,6 @@ mod browser;
 mod cli;
 mod delivery;
 mod input;
+mod limits;
 mod remote;
 mod roles;
