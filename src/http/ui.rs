@@ -229,15 +229,7 @@ async fn login(
     ([(header::SET_COOKIE, cookie)], Redirect::to("/ui/queue")).into_response()
 }
 
-#[derive(Debug, Deserialize)]
-struct CsrfForm {
-    csrf: String,
-}
-
-async fn logout(State(s): State<AppState>, r: Reviewer, Form(f): Form<CsrfForm>) -> Response {
-    if let Err(resp) = r.check_csrf(&f.csrf) {
-        return resp;
-    }
+async fn logout(State(s): State<AppState>, PageForm(r, _): PageForm) -> Response {
     let _ = store::tokens::delete_session(&s.db, &r.id_hash).await;
     let cookie = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
     ([(header::SET_COOKIE, cookie)], Redirect::to("/ui/login")).into_response()
@@ -792,6 +784,25 @@ async fn draft_context(
 #[derive(Debug)]
 struct ActionForm(Vec<(String, String)>);
 
+/// A posted page form from a logged-in reviewer, its CSRF token checked.
+struct PageForm(Reviewer, ActionForm);
+
+impl axum::extract::FromRequest<AppState> for PageForm {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &AppState) -> Result<Self, Response> {
+        let (mut parts, body) = req.into_parts();
+        let r = Reviewer::from_request_parts(&mut parts, state).await?;
+        let req = axum::extract::Request::from_parts(parts, body);
+        let Form(pairs) = Form::<Vec<(String, String)>>::from_request(req, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let form = ActionForm(pairs);
+        r.check_csrf(form.get("csrf").unwrap_or(""))?;
+        Ok(PageForm(r, form))
+    }
+}
+
 impl ActionForm {
     fn get(&self, k: &str) -> Option<&str> {
         self.0.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
@@ -893,14 +904,9 @@ async fn next_open(s: &AppState, back: &QueueQuery, id: &str) -> Option<String> 
 
 async fn approve(
     State(s): State<AppState>,
-    r: Reviewer,
     Path(id): Path<String>,
-    Form(form): Form<Vec<(String, String)>>,
+    PageForm(r, form): PageForm,
 ) -> Response {
-    let form = ActionForm(form);
-    if let Err(resp) = r.check_csrf(form.get("csrf").unwrap_or("")) {
-        return resp;
-    }
     let d = match store::drafts::get(&s.db, &id).await {
         Ok(d) => d,
         Err(e) => return ApiError::from(e).into_response(),
@@ -938,14 +944,9 @@ async fn approve(
 
 async fn save_edit(
     State(s): State<AppState>,
-    r: Reviewer,
     Path(id): Path<String>,
-    Form(form): Form<Vec<(String, String)>>,
+    PageForm(r, form): PageForm,
 ) -> Response {
-    let form = ActionForm(form);
-    if let Err(resp) = r.check_csrf(form.get("csrf").unwrap_or("")) {
-        return resp;
-    }
     let d = match store::drafts::get(&s.db, &id).await {
         Ok(d) => d,
         Err(e) => return ApiError::from(e).into_response(),
@@ -976,14 +977,9 @@ async fn save_edit(
 
 async fn reject(
     State(s): State<AppState>,
-    r: Reviewer,
     Path(id): Path<String>,
-    Form(form): Form<Vec<(String, String)>>,
+    PageForm(r, form): PageForm,
 ) -> Response {
-    let form = ActionForm(form);
-    if let Err(resp) = r.check_csrf(form.get("csrf").unwrap_or("")) {
-        return resp;
-    }
     let name = r.caller.actor();
     let result = review::reject(
         &s.db,
@@ -1007,14 +1003,9 @@ async fn reject(
 
 async fn regenerate(
     State(s): State<AppState>,
-    r: Reviewer,
     Path(id): Path<String>,
-    Form(form): Form<Vec<(String, String)>>,
+    PageForm(r, form): PageForm,
 ) -> Response {
-    let form = ActionForm(form);
-    if let Err(resp) = r.check_csrf(form.get("csrf").unwrap_or("")) {
-        return resp;
-    }
     let name = r.caller.actor();
     let result = review::regenerate(
         &s.db,
@@ -1033,14 +1024,9 @@ async fn regenerate(
 
 async fn comment(
     State(s): State<AppState>,
-    r: Reviewer,
     Path(id): Path<String>,
-    Form(form): Form<Vec<(String, String)>>,
+    PageForm(r, form): PageForm,
 ) -> Response {
-    let form = ActionForm(form);
-    if let Err(resp) = r.check_csrf(form.get("csrf").unwrap_or("")) {
-        return resp;
-    }
     let name = r.caller.actor();
     let result = review::comment(&s.db, &id, form.get("body").unwrap_or(""), &name)
         .await
@@ -1048,15 +1034,7 @@ async fn comment(
     after_action(&id, &form.back(), result, None)
 }
 
-async fn bulk_approve(
-    State(s): State<AppState>,
-    r: Reviewer,
-    Form(form): Form<Vec<(String, String)>>,
-) -> Response {
-    let form = ActionForm(form);
-    if let Err(resp) = r.check_csrf(form.get("csrf").unwrap_or("")) {
-        return resp;
-    }
+async fn bulk_approve(State(s): State<AppState>, PageForm(r, form): PageForm) -> Response {
     let Some(batch) = form.get("batch").filter(|b| !b.is_empty()) else {
         return ApiError::unprocessable("batch", "is required").into_response();
     };

@@ -88,33 +88,17 @@ pub async fn insert_submission(db: &Db, sub: &NewSubmission<'_>) -> Result<Recei
         .await
         .map(|r| r.rows_affected()))?;
         for channel in sub.channels {
-            let task_id = new_id();
-            on_tx!(&mut tx, c => sqlx::query(
-                "insert into tasks (id, batch_id, spec_id, product_id, channel, status, attempts, max_attempts, feedback, parent_draft_id, created_at, updated_at)
-                 values ($1, $2, $3, $4, $5, 'queued', 0, $6, $7, $8, $9, $9)",
-            )
-            .bind(&task_id)
-            .bind(&batch_id)
-            .bind(&spec_id)
-            .bind(&spec.id)
-            .bind(channel)
-            .bind(sub.max_attempts as i64)
-            .bind(sub.feedback)
-            .bind(sub.parent_draft_id)
-            .bind(now)
-            .execute(c)
-            .await
-            .map(|r| r.rows_affected()))?;
-            let payload = serde_json::to_vec(&EnrichJob {
-                task_id: task_id.clone(),
-            })
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            jobs::enqueue(
+            let task_id = insert_task(
                 &mut tx,
-                jobs::ENRICH_QUEUE,
-                &task_id,
-                &payload,
-                sub.max_attempts as i64,
+                &NewTask {
+                    batch_id: &batch_id,
+                    spec_id: &spec_id,
+                    product_id: &spec.id,
+                    channel,
+                    max_attempts: sub.max_attempts,
+                    feedback: sub.feedback,
+                    parent_draft_id: sub.parent_draft_id,
+                },
             )
             .await?;
             task_ids.push(task_id);
@@ -243,29 +227,33 @@ pub async fn input_errors(db: &Db, batch_id: &str) -> Result<Vec<InputErrorRow>,
     .await)?)
 }
 
-/// Queues a new task for the same spec and channel as `draft`, in `tx`, carrying the
-/// reviewer's feedback and a link to the draft it replaces. Returns the task id.
-pub async fn insert_regeneration(
-    tx: &mut super::Tx,
-    draft: &crate::store::drafts::Draft,
-    feedback: Option<&str>,
+/// One task to create.
+struct NewTask<'a> {
+    batch_id: &'a str,
+    spec_id: &'a str,
+    product_id: &'a str,
+    channel: &'a str,
     max_attempts: u32,
-) -> Result<String, StoreError> {
+    feedback: Option<&'a str>,
+    parent_draft_id: Option<&'a str>,
+}
+
+/// Inserts a queued task and its queue job in `tx`; returns the task id.
+async fn insert_task(tx: &mut super::Tx, t: &NewTask<'_>) -> Result<String, StoreError> {
     let task_id = new_id();
-    let now = now_ms();
     on_tx!(tx, c => sqlx::query(
         "insert into tasks (id, batch_id, spec_id, product_id, channel, status, attempts, max_attempts, feedback, parent_draft_id, created_at, updated_at)
          values ($1, $2, $3, $4, $5, 'queued', 0, $6, $7, $8, $9, $9)",
     )
     .bind(&task_id)
-    .bind(&draft.batch_id)
-    .bind(&draft.spec_id)
-    .bind(&draft.product_id)
-    .bind(&draft.channel)
-    .bind(max_attempts as i64)
-    .bind(feedback)
-    .bind(&draft.id)
-    .bind(now)
+    .bind(t.batch_id)
+    .bind(t.spec_id)
+    .bind(t.product_id)
+    .bind(t.channel)
+    .bind(t.max_attempts as i64)
+    .bind(t.feedback)
+    .bind(t.parent_draft_id)
+    .bind(now_ms())
     .execute(c)
     .await
     .map(|r| r.rows_affected()))?;
@@ -278,8 +266,31 @@ pub async fn insert_regeneration(
         jobs::ENRICH_QUEUE,
         &task_id,
         &payload,
-        max_attempts as i64,
+        t.max_attempts as i64,
     )
     .await?;
     Ok(task_id)
+}
+
+/// Queues a new task for the same spec and channel as `draft`, in `tx`, carrying the
+/// reviewer's feedback and a link to the draft it replaces. Returns the task id.
+pub async fn insert_regeneration(
+    tx: &mut super::Tx,
+    draft: &crate::store::drafts::Draft,
+    feedback: Option<&str>,
+    max_attempts: u32,
+) -> Result<String, StoreError> {
+    insert_task(
+        tx,
+        &NewTask {
+            batch_id: &draft.batch_id,
+            spec_id: &draft.spec_id,
+            product_id: &draft.product_id,
+            channel: &draft.channel,
+            max_attempts,
+            feedback,
+            parent_draft_id: Some(&draft.id),
+        },
+    )
+    .await
 }

@@ -117,12 +117,27 @@ fn routes(
             None,
             vec![Reviewer],
         ),
-        ("PUT", format!("/v1/batches/{batch}/budget"), Some(json!({"token_budget": 100000})), vec![Submitter]),
+        (
+            "PUT",
+            format!("/v1/batches/{batch}/budget"),
+            Some(json!({"token_budget": 100000})),
+            vec![Submitter],
+        ),
         ("GET", "/v1/feed".into(), None, vec![Consumer]),
         ("GET", "/v1/webhooks".into(), None, vec![]),
-        ("POST", "/v1/webhooks".into(), Some(json!({"url": "http://127.0.0.1:9/hook"})), vec![]),
+        (
+            "POST",
+            "/v1/webhooks".into(),
+            Some(json!({"url": "http://127.0.0.1:9/hook"})),
+            vec![],
+        ),
         ("GET", "/v1/deliveries".into(), None, vec![]),
-        ("POST", "/v1/deliveries/replay".into(), Some(json!({})), vec![]),
+        (
+            "POST",
+            "/v1/deliveries/replay".into(),
+            Some(json!({})),
+            vec![],
+        ),
         ("GET", "/v1/tokens".into(), None, vec![]),
         (
             "POST",
@@ -154,7 +169,10 @@ async fn snapshot(app: &TestApp) -> Value {
         ("audit", "select count(*) from audit_log"),
         ("tokens", "select count(*) from api_tokens"),
         ("webhooks", "select count(*) from webhook_subscriptions"),
-        ("budgets", "select count(*) from batches where token_budget is not null"),
+        (
+            "budgets",
+            "select count(*) from batches where token_budget is not null",
+        ),
         (
             "revoked",
             "select count(*) from api_tokens where revoked_at is not null",
