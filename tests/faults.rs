@@ -3,7 +3,6 @@
 //! restarting the database server affects everything using it.
 
 #[path = "it/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::{

@@ -142,12 +142,11 @@ async fn submit(
 }
 
 type Records = Vec<(Position, Result<spec::ProductSpec, spec::SpecError>)>;
+/// A wrapper body: its records, its channels and its token budget.
+type Wrapped = (Records, Vec<String>, Option<i64>);
 
 /// `{"products": [...], "channels": [...]}` or `{"product": {...}}`; `None` for any other body.
-fn wrapper(
-    body: &[u8],
-    limits: &crate::config::InputLimits,
-) -> Result<Option<(Records, Vec<String>, Option<i64>)>, ApiError> {
+fn wrapper(body: &[u8], limits: &crate::config::InputLimits) -> Result<Option<Wrapped>, ApiError> {
     let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(body) else {
         return Ok(None);
     };

@@ -146,6 +146,7 @@ impl FromRequestParts<AppState> for Reviewer {
 }
 
 impl Reviewer {
+    #[allow(clippy::result_large_err)] // the rejection is the response itself
     fn check_csrf(&self, sent: &str) -> Result<(), Response> {
         if ct_eq(sent, &self.csrf) {
             Ok(())
