@@ -441,8 +441,17 @@ async fn throughput() {
         },
         ..req.clone()
     };
+    let short = GenerateRequest {
+        system: String::new(),
+        user: "Write a long story about a backpack.".into(),
+        ..req.clone()
+    };
     for _ in 0..3 {
-        for (what, req) in [("greedy", &req), ("default sampling", &sampled)] {
+        for (what, req) in [
+            ("greedy", &req),
+            ("default sampling", &sampled),
+            ("greedy, short prompt", &short),
+        ] {
             let (g, t) = p.generate_timed(req.clone()).await.unwrap();
             println!(
                 "provider, {what}: prompt {} tokens: prefill {:?} = {:.1} tok/s; completion {} tokens ({}): decode {:?} = {:.1} tok/s (sampling {:?})",

@@ -14,6 +14,13 @@
 //! by default one per physical core. `ProviderSettings.threads` cannot resize them after
 //! the fact; when it disagrees with what candle uses, loading logs a warning that names the
 //! variables to set.
+//!
+//! Speed (SmolLM2-135M Q4_1, 2 cores, best of several runs on a shared machine; see the
+//! `throughput` test): about 90 prompt tokens/s, and 40 generated tokens/s after a
+//! 275-token prompt (59/s after a short one), the same as a plain candle loop. The decode
+//! cost that grows with the context is candle's `quantized_llama` attention (the KV cache is
+//! concatenated and repeated for grouped-query attention at every token); choosing tokens
+//! takes 0.5-1.5 ms per token in a debug build of this crate (opt-level 0), 0.1 ms optimised.
 
 pub mod chat;
 pub mod runner;
