@@ -220,6 +220,27 @@ impl SpecFacts {
     }
 }
 
+static NUMBER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\d+(?:[.,]\d+)*").expect("number regex"));
+
+/// The numbers of the spec's facts as written (`2.00`, `24`, `643770`, `1,500`), sorted and
+/// without repeats: for a provider's grounded decoding (`GenerateRequest::allowed_numbers`).
+pub fn spec_numbers(spec: &ProductSpec) -> Vec<String> {
+    let mut out: Vec<String> = spec
+        .fact_texts()
+        .iter()
+        .flat_map(|t| {
+            NUMBER
+                .find_iter(t)
+                .map(|m| m.as_str().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// A modest built-in list of brands: electronics, computing, home, kitchen, tools, fashion.
 /// Names that are also common words or units (Sharp, Brother, Prestige, Crucial, Micron,
 /// Gigabyte, Titan, Ring, Nest, ...) are left out; channels can add them (`extra_brands`).
@@ -464,6 +485,8 @@ const DEFAULT_ALIASES: &[&[&str]] = &[
 #[derive(Debug, Clone)]
 pub struct Brands {
     names: Vec<String>,
+    /// The names case-folded (a quick pre-filter before the word-boundary search).
+    folded: Vec<String>,
     aliases: Vec<Vec<String>>,
 }
 
@@ -488,7 +511,23 @@ impl Brands {
             .map(|g| g.iter().map(|s| s.to_string()).collect())
             .collect();
         aliases.extend(rules.brand_aliases.iter().cloned());
-        Self { names, aliases }
+        // the first word: a space in a name also matches a hyphen (`Western-Digital`)
+        let folded = names
+            .iter()
+            .map(|n| {
+                n.split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .map(super::text::fold)
+                    .collect()
+            })
+            .collect();
+        Self {
+            names,
+            folded,
+            aliases,
+        }
     }
 
     /// The brand names in `chars` (capitalised as a name: first letter upper case, and brands
@@ -496,7 +535,11 @@ impl Brands {
     /// horsepower). Longer names win over names inside them.
     pub fn find(&self, chars: &[char], skip: &[(usize, usize)]) -> Vec<(usize, usize, String)> {
         let mut out: Vec<(usize, usize, String)> = Vec::new();
-        for name in &self.names {
+        let folded: String = chars.iter().map(|c| super::text::fold(*c)).collect();
+        for (name, key) in self.names.iter().zip(&self.folded) {
+            if !folded.contains(key.as_str()) {
+                continue;
+            }
             // `HP` and `iRobot` are matched as written; `Seagate` also as `SEAGATE`.
             let exact = name
                 .chars()
@@ -616,6 +659,29 @@ mod tests {
     }
 
     #[test]
+    fn spec_numbers_as_written() {
+        assert_eq!(
+            spec_numbers(&hp()),
+            [
+                "1", "1.5", "10", "12", "130", "2.00", "21", "24", "4", "47", "4850", "5900",
+                "643770", "7"
+            ]
+        );
+    }
+
+    #[test]
+    fn certifications_need_the_spec() {
+        let s = spec(serde_json::json!({"id": "1", "attributes": {
+            "Certifications": "ENERGY STAR certified, ISO-9001", "Plug": "CE marked"}}));
+        let f = facts(&s);
+        assert!(ungrounded(&f, "Energy Star and CE, made under ISO 9001").is_empty());
+        assert_eq!(
+            ungrounded(&f, "UL listed, FDA approved, ISO 14001"),
+            ["UL", "FDA", "ISO 14001"]
+        );
+    }
+
+    #[test]
     fn two_in_one_only_when_the_spec_says_so() {
         let s = spec(serde_json::json!({"id": "1", "attributes": {"Type": "2-in-1 laptop"}}));
         assert!(ungrounded(&facts(&s), "A 2-in-1 design").is_empty());
@@ -637,6 +703,10 @@ mod tests {
             .filter(|n| !f.names_any(&b.names_of(n)))
             .collect();
         assert_eq!(ungrounded, ["Samsung", "Dell"]);
+        let chars: Vec<char> = "Western-Digital and WESTERN DIGITAL drives"
+            .chars()
+            .collect();
+        assert_eq!(b.find(&chars, &[]).len(), 2);
         // Hewlett-Packard and HP are one company
         let s = spec(
             serde_json::json!({"id": "1", "brand": "Hewlett-Packard", "attributes": {"a": "b"}}),

@@ -40,7 +40,8 @@ use crate::{
     spec::ProductSpec,
 };
 
-pub use repair::{repair, FieldSource, Repaired};
+pub use grounding::spec_numbers;
+pub use repair::{check_fallback_templates, repair, FieldSource, Repaired};
 pub use text::Counting;
 
 /// Generated (or edited) copy: field name -> text or list of texts.
@@ -451,6 +452,49 @@ mod tests {
         assert_eq!(
             (w[0].rule.as_str(), w[0].severity),
             ("length.recommended", Severity::Warning)
+        );
+    }
+
+    #[test]
+    fn item_lengths_and_types() {
+        let ch = channels();
+        let amazon = ch.get("amazon").expect("amazon");
+        let long = format!("Xeon {}", "fast ".repeat(60));
+        let fields: Fields = [
+            (
+                "title".to_string(),
+                FieldValue::List(vec!["HP Xeon kit".into()]),
+            ),
+            (
+                "bullets".to_string(),
+                FieldValue::List(vec![
+                    "Short".into(),
+                    long.clone(),
+                    "Cache: 24MB".into(),
+                    "Clock Speed: 2.00GHz".into(),
+                    "Part Number: 643770-B21".into(),
+                ]),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let f = check(amazon, &hp(), &fields);
+        let got: Vec<_> = f
+            .iter()
+            .map(|f| (f.rule.as_str(), f.item, f.span))
+            .collect();
+        let n = long.chars().count();
+        assert_eq!(
+            got,
+            [
+                ("schema.type", None, None),
+                ("length.min", Some(0), None),
+                ("length.max", Some(1), Some((255, n))),
+            ]
+        );
+        assert_eq!(
+            f[2].message,
+            format!("is {n} characters, at most 255 allowed")
         );
     }
 

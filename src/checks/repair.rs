@@ -298,22 +298,49 @@ fn fix_text(
             break;
         }
         hits.sort_by_key(|h| (h.fix, h.span));
+        // all removals at once (a forbidden character everywhere it occurs)
+        let chars: Vec<char> = cur.chars().collect();
+        let mut ranges = Vec::new();
+        for h in hits.iter().filter(|h| h.fix == Fix::Remove) {
+            let (s, e) = h.span.unwrap_or((0, chars.len()));
+            if h.rule == "chars.forbidden" && e == s + 1 && !text::is_word(chars[s]) {
+                let c = chars[s];
+                ranges.extend(
+                    (0..chars.len())
+                        .filter(|&i| chars[i] == c)
+                        .map(|i| (i, i + 1)),
+                );
+            } else {
+                ranges.push(whole_words(&chars, s, e));
+            }
+            notes.push(format!(
+                "{label}: removed \"{}\" ({})",
+                slice(&chars, s, e),
+                h.rule
+            ));
+        }
+        if !ranges.is_empty() {
+            let n = text::remove_ranges(&cur, &ranges);
+            if n.trim().is_empty() {
+                return None;
+            }
+            if n != cur {
+                cur = n;
+                continue;
+            }
+        }
         let mut progressed = false;
-        for h in &hits {
+        for h in hits.iter().filter(|h| h.fix != Fix::Remove) {
             let chars: Vec<char> = cur.chars().collect();
             let (s, e) = h.span.unwrap_or((0, chars.len()));
             // a removal never leaves part of a word behind (that would be a new token)
             let (s, e) = match h.fix {
-                Fix::Remove | Fix::DropClaim => whole_words(&chars, s, e),
+                Fix::DropClaim => whole_words(&chars, s, e),
                 _ => (s, e),
             };
             let what = slice(&chars, s, e);
             let next: Option<String> = match h.fix {
-                Fix::Remove => {
-                    let n = remove_range(&cur, s, e);
-                    notes.push(format!("{label}: removed \"{what}\" ({})", h.rule));
-                    Some(n)
-                }
+                Fix::Remove | Fix::None => continue,
                 Fix::DropSentence => {
                     let n = drop_sentence(&cur, s);
                     notes.push(format!(
@@ -344,7 +371,6 @@ fn fix_text(
                     notes.push(format!("{label}: dropped ({})", h.rule));
                     None
                 }
-                Fix::None => continue,
             };
             match next {
                 None => return None,

@@ -534,7 +534,7 @@ fn check_no_new_tokens(channel: &'static str, spec: &ProductSpec, fields: &Field
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn amazon_repair_adds_no_token(spec in spec_strategy(), fields in fields_for("amazon")) {
@@ -569,6 +569,28 @@ proptest! {
         }
         prop_assert!(count(&trim_to(&t, Counting::X, max, 0), Counting::X) <= max);
         prop_assert!(trim_to(&t, Counting::Chars, max, 0).chars().count() <= max);
+    }
+
+    #[test]
+    fn arbitrary_text_never_panics(
+        t in "\\PC{0,120}",
+        u in prop::collection::vec("[\\PC\\s]{0,60}", 0..7),
+        spec in spec_strategy(),
+    ) {
+        for name in ["amazon", "seo", "social"] {
+            let ch = CHANNELS.get(name).expect("channel");
+            let mut fields = Fields::new();
+            for def in &ch.fields {
+                let v = match def.kind {
+                    crate::channel::FieldDefKind::Text => FieldValue::Text(t.clone()),
+                    crate::channel::FieldDefKind::List => FieldValue::List(u.clone()),
+                };
+                fields.insert(def.name.clone(), v);
+            }
+            let f = check(ch, &spec, &fields);
+            let r = repair(ch, &spec, &fields, &f);
+            let _ = check(ch, &spec, &r.fields);
+        }
     }
 
     #[test]
