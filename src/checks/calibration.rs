@@ -2,7 +2,15 @@
 //! people from the same products, so grounding each title against a spec made of the
 //! attributes, brand and category shows what the checker flags on human copy.
 //!
-//! `cargo test --lib checks::calibration -- --ignored --nocapture` prints every flag.
+//! `cargo test --lib checks::calibration -- --ignored --nocapture` prints every flag
+//! (`CALIBRATE=flipkart-dev.jsonl` for the other file, `CALIBRATE_FIELD=description` to
+//! ground the shop descriptions) and runs real copy through check -> repair -> check.
+//!
+//! Measured on wdc-pave-dev.jsonl (215 titles), before the calibration fixes: 92 titles with a
+//! flag, 186 flags, of which 9 were false positives (the spec had the fact in another form:
+//! `4GB` for `2x2GB`, `10000` for `10, 000`, `8.2-cu ft` for `8.20 cubic feet`, `24-Count`,
+//! `4-Tier`, `2-Level`, `2-Hoppers` for a bare count, `Prestige` as a product line read as a
+//! brand). After: 88 titles, 177 flags, none found to be stated by the attributes.
 
 use std::path::Path;
 
@@ -34,8 +42,13 @@ fn flags(file: &str) -> Vec<(String, Vec<(String, String)>)> {
     load(file)
         .into_iter()
         .filter_map(|mut spec| {
+            // `CALIBRATE_FIELD=description` grounds the shop descriptions instead
             let title = spec.title.take()?;
-            spec.description = None;
+            let description = spec.description.take();
+            let title = match std::env::var("CALIBRATE_FIELD").as_deref() {
+                Ok("description") => description?,
+                _ => title,
+            };
             let ctx = Ctx::new(&pack, &spec);
             let hits = scan(&ctx, &r, Limits::default(), &title, false);
             let chars: Vec<char> = title.chars().collect();
@@ -74,7 +87,7 @@ fn wdc_reference_titles_stay_within_the_measured_flag_rate() {
     assert!(f.len() > 200, "{} titles", f.len());
     let flagged = f.iter().filter(|(_, x)| !x.is_empty()).count();
     let flags: usize = f.iter().map(|(_, x)| x.len()).sum();
-    // Measured at calibration: 88 of 215 titles, 176 flags, all of them claims the attributes
+    // Measured at calibration: 88 of 215 titles, 177 flags, all of them claims the attributes
     // do not state (shop titles add part numbers, pack sizes, form factors). A normaliser
     // regression (`2.0GHz` no longer equal to `2.00GHz`, `1.5-TB` to `1.5 TB`) raises it.
     assert!(
