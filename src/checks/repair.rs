@@ -342,7 +342,7 @@ fn fix_text(
             let next: Option<String> = match h.fix {
                 Fix::Remove | Fix::None => continue,
                 Fix::DropSentence => {
-                    let n = drop_sentence(&cur, s);
+                    let n = drop_sentence(&cur, (s, e));
                     notes.push(format!(
                         "{label}: dropped the sentence with \"{what}\" ({})",
                         h.rule
@@ -407,26 +407,82 @@ fn whole_words(chars: &[char], mut s: usize, mut e: usize) -> (usize, usize) {
     (s, e)
 }
 
-/// Drops the sentence holding char `at`; `None` when it was the only one.
-fn drop_sentence(t: &str, at: usize) -> Option<String> {
+/// Drops the sentence holding the span; in a text of one sentence (a title, a bullet), the
+/// list segment holding it when there is one (`Acme drive, free shipping on all orders`);
+/// `None` when nothing would be left.
+fn drop_sentence(t: &str, (s, e): (usize, usize)) -> Option<String> {
     let chars: Vec<char> = t.chars().collect();
+    let n = chars.len();
+    let (s, e) = (s.min(n), e.clamp(s.min(n), n));
     let sents = sentences(&chars);
     if sents.len() <= 1 {
-        return None;
+        let seg = segment(&chars, s, e, 0, n);
+        if seg.left.is_none() && seg.right.is_none() {
+            return None;
+        }
+        return non_empty(remove_range(t, seg.removal.0, seg.removal.1));
     }
-    let (s, e) = sents
+    let (a, b) = sents
         .iter()
         .copied()
-        .find(|&(s, e)| at >= s && at < e)
+        .find(|&(a, b)| s >= a && s < b)
         .unwrap_or_else(|| {
-            // `at` in whitespace between sentences: the one after
+            // the span in whitespace between sentences: the one after
             sents
                 .iter()
                 .copied()
-                .find(|&(s, _)| s >= at)
+                .find(|&(a, _)| a >= s)
                 .unwrap_or(sents[sents.len() - 1])
         });
-    Some(remove_range(t, s, e))
+    non_empty(remove_range(t, a, b))
+}
+
+/// The list segment around `[s, e)` inside the sentence `[ss, se)`.
+struct Segment {
+    /// The segment's text range.
+    start: usize,
+    end: usize,
+    /// The separators before and after it, if any.
+    left: Option<usize>,
+    right: Option<usize>,
+    /// What to remove to drop the segment with one separator.
+    removal: (usize, usize),
+}
+
+fn segment(chars: &[char], s: usize, e: usize, ss: usize, se: usize) -> Segment {
+    let mut left = None;
+    let mut a = s;
+    while a > ss {
+        if is_segment_separator(chars, a - 1) {
+            left = Some(a - 1);
+            break;
+        }
+        a -= 1;
+    }
+    let mut right = None;
+    let mut b = e;
+    while b < se {
+        if is_segment_separator(chars, b) {
+            right = Some(b);
+            break;
+        }
+        b += 1;
+    }
+    let removal = match (left, right) {
+        // the whole parenthetical was this one segment
+        (Some(l), Some(r)) if chars[l] == '(' && chars[r] == ')' => (l, r + 1),
+        (Some(l), _) if chars[l] != '(' => (l, b),
+        (_, Some(r)) if chars[r] != ')' => (a, r + 1),
+        (Some(l), _) => (l + 1, b),
+        (None, _) => (a, b),
+    };
+    Segment {
+        start: a,
+        end: b,
+        left,
+        right,
+        removal,
+    }
 }
 
 /// Words after which a removed claim leaves a sentence that does not read.
@@ -481,46 +537,18 @@ fn drop_claim(t: &str, (s, e): (usize, usize), item: bool) -> Option<String> {
         .find(|&(a, b)| s >= a && s < b)
         .unwrap_or((0, n));
     // the list segment around the claim, inside its sentence
-    let mut left = None;
-    let mut a = s;
-    while a > ss {
-        if is_segment_separator(&chars, a - 1) {
-            left = Some(a - 1);
-            break;
-        }
-        a -= 1;
-    }
-    let mut right = None;
-    let mut b = e;
-    while b < se {
-        if is_segment_separator(&chars, b) {
-            right = Some(b);
-            break;
-        }
-        b += 1;
-    }
-    let seg_words = word_count(&chars[a..b]);
+    let seg = segment(&chars, s, e, ss, se);
+    let seg_words = word_count(&chars[seg.start..seg.end]);
     let claim_words = word_count(&chars[s..e]);
     // the claim and a word or two (`64MB cache`) between separators, or one word at the
     // start or end of the sentence
-    let spare = if left.is_some() && right.is_some() {
+    let spare = if seg.left.is_some() && seg.right.is_some() {
         2
     } else {
         1
     };
-    if (left.is_some() || right.is_some()) && seg_words <= claim_words + spare {
-        let range = match (left, right) {
-            (Some(l), Some(r)) if chars[l] == '(' && chars[r] == ')' => {
-                // the whole parenthetical was this one segment
-                (l, r + 1)
-            }
-            (Some(l), _) if chars[l] != '(' => (l, b),
-            (_, Some(r)) if chars[r] != ')' => (a, r + 1),
-            (Some(l), _) => (l + 1, b),
-            (None, None) => (a, b),
-            (None, Some(_)) => (a, b),
-        };
-        return non_empty(remove_range(t, range.0, range.1));
+    if (seg.left.is_some() || seg.right.is_some()) && seg_words <= claim_words + spare {
+        return non_empty(remove_range(t, seg.removal.0, seg.removal.1));
     }
     if sents.len() > 1 {
         return non_empty(remove_range(t, ss, se));
