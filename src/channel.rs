@@ -168,6 +168,7 @@ impl Channel {
                 )));
             }
         }
+        crate::checks::check_fallback_templates(self, None).map_err(bad)?;
         Ok(())
     }
 }

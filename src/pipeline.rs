@@ -37,15 +37,7 @@ impl PipelineError {
     }
 }
 
-/// Where a field's final text came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FieldSource {
-    /// Written by the model (possibly trimmed by a deterministic fix).
-    Model,
-    /// Filled by the channel's deterministic fallback template from spec facts.
-    Fallback,
-}
+pub use crate::checks::FieldSource;
 
 /// Everything needed to know how a draft was made.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,6 +62,9 @@ pub struct Provenance {
     /// The last raw model output, kept when it could not be parsed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw_output: Option<String>,
+    /// Deterministic fixes applied after the model (trims, removals, fallback fills).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repairs: Vec<String>,
 }
 
 /// The result of enriching one product for one channel.
@@ -130,7 +125,7 @@ impl Pipeline {
                     user: prompt.user,
                     sampling: s,
                     schema: Some(schema.clone()),
-                    allowed_numbers: None,
+                    allowed_numbers: Some(checks::spec_numbers(spec)),
                 })
                 .await
                 .inspect_err(|e| {
@@ -170,15 +165,24 @@ impl Pipeline {
                 .collect();
         }
         let (fields, findings, finish_reason, raw_output) = best.expect("at least one round runs");
+        // Deterministic repair: fixes that cannot add facts, then the channel's fallback
+        // from spec facts for what is still missing; then everything is checked again.
+        let (fields, findings, field_sources, repairs) = if checks::has_errors(&findings) {
+            let r = checks::repair(channel, spec, &fields, &findings);
+            let findings = checks::check(channel, spec, &r.fields);
+            (r.fields, findings, r.sources, r.applied)
+        } else {
+            let sources = fields
+                .keys()
+                .map(|k| (k.clone(), FieldSource::Model))
+                .collect();
+            (fields, findings, sources, Vec::new())
+        };
         let status = if checks::has_errors(&findings) {
             DraftStatus::NeedsAttention
         } else {
             DraftStatus::PendingReview
         };
-        let field_sources = fields
-            .keys()
-            .map(|k| (k.clone(), FieldSource::Model))
-            .collect();
         Ok(Outcome {
             provenance: Provenance {
                 model: provider.info(),
@@ -194,6 +198,7 @@ impl Pipeline {
                 field_sources,
                 feedback: feedback.map(str::to_string),
                 raw_output,
+                repairs,
             },
             fields,
             findings,

@@ -237,7 +237,7 @@ async fn a_reviewer_edits_approves_and_rejects_in_the_browser() {
         .unwrap_or_default()
         .contains("over"));
     area.clear().await.unwrap();
-    let edited_bullet = "Holds up to 24MB of cache for busy servers";
+    let edited_bullet = "Made for busy servers in the data center";
     area.send_keys(edited_bullet).await.unwrap();
     assert_eq!(
         counter.text().await.unwrap(),
