@@ -9,6 +9,7 @@ pub mod channel;
 pub mod checks;
 pub mod config;
 pub mod delivery;
+pub mod eval;
 pub mod http;
 pub mod intake;
 pub mod limits;

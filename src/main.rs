@@ -59,6 +59,8 @@ enum Command {
     /// Create, list or revoke API tokens.
     #[command(subcommand)]
     Tokens(cli::tokens::TokensCommand),
+    /// Run products through the real pipeline and report quality (optionally vs a baseline).
+    Eval(cli::eval::EvalArgs),
     /// Measure throughput and overhead (prints figures).
     #[command(subcommand)]
     Bench(cli::bench::BenchCommand),

@@ -74,6 +74,19 @@ pub struct Outcome {
     pub findings: Vec<Finding>,
     pub status: DraftStatus,
     pub provenance: Provenance,
+    /// Findings of the model's first answer, before re-prompting and repair (for `eval`).
+    pub first_findings: Vec<Finding>,
+}
+
+/// How to enrich.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// The channel's template, structured output, grounded decoding, checks and repair.
+    #[default]
+    Full,
+    /// A plain prompt, no structure, no repair: what a model does when simply asked
+    /// (`enricher eval --baseline`). Checks still run, to measure.
+    Baseline,
 }
 
 /// Runs the enrichment of one (spec, channel).
@@ -92,6 +105,17 @@ impl Pipeline {
         channel_name: &str,
         feedback: Option<&str>,
     ) -> Result<Outcome, PipelineError> {
+        self.enrich_with(spec, channel_name, feedback, Mode::Full).await
+    }
+
+    pub async fn enrich_with(
+        &self,
+        spec: &ProductSpec,
+        channel_name: &str,
+        feedback: Option<&str>,
+        mode: Mode,
+    ) -> Result<Outcome, PipelineError> {
+        let full = mode == Mode::Full;
         let channel = self.channels.get(channel_name)?;
         let provider_name = self.settings.provider_for(channel_name).to_string();
         let provider = self.providers.for_channel(channel_name)?;
@@ -100,7 +124,8 @@ impl Pipeline {
             sampling.max_new_tokens = sampling.max_new_tokens.min(cap);
         }
         let schema = channel.schema();
-        let rounds = 1 + self.settings.repair.max_prompts;
+        let rounds = if full { 1 + self.settings.repair.max_prompts } else { 1 };
+        let mut first_findings: Option<Vec<Finding>> = None;
         let started = Instant::now();
         let (mut prompt_tokens, mut completion_tokens) = (0u64, 0u64);
         let mut repair_notes: Vec<String> = Vec::new();
@@ -108,14 +133,18 @@ impl Pipeline {
         let mut template = (String::new(), String::new());
         let mut calls = 0u32;
         for round in 0..rounds {
-            let prompt = self.prompts.render(
-                channel,
-                spec,
-                &PromptInputs {
-                    feedback,
-                    findings: &repair_notes,
-                },
-            )?;
+            let prompt = if full {
+                self.prompts.render(
+                    channel,
+                    spec,
+                    &PromptInputs {
+                        feedback,
+                        findings: &repair_notes,
+                    },
+                )?
+            } else {
+                self.prompts.render_baseline(channel, spec)?
+            };
             template = (prompt.template.clone(), prompt.template_hash.clone());
             let mut s = sampling.clone();
             s.seed = sampling.seed.wrapping_add(round as u64);
@@ -124,8 +153,8 @@ impl Pipeline {
                     system: prompt.system,
                     user: prompt.user,
                     sampling: s,
-                    schema: Some(schema.clone()),
-                    allowed_numbers: Some(checks::spec_numbers(spec)),
+                    schema: full.then(|| schema.clone()),
+                    allowed_numbers: full.then(|| checks::spec_numbers(spec)),
                 })
                 .await
                 .inspect_err(|e| {
@@ -141,6 +170,9 @@ impl Pipeline {
             completion_tokens += u64::from(generation.completion_tokens);
             let (fields, mut findings, parsed) = parse_output(channel, &generation.text);
             findings.extend(checks::check(channel, spec, &fields));
+            if first_findings.is_none() {
+                first_findings = Some(findings.clone());
+            }
             let errors = findings
                 .iter()
                 .filter(|f| f.severity == Severity::Error)
@@ -167,7 +199,7 @@ impl Pipeline {
         let (fields, findings, finish_reason, raw_output) = best.expect("at least one round runs");
         // Deterministic repair: fixes that cannot add facts, then the channel's fallback
         // from spec facts for what is still missing; then everything is checked again.
-        let (fields, findings, field_sources, repairs) = if checks::has_errors(&findings) {
+        let (fields, findings, field_sources, repairs) = if full && checks::has_errors(&findings) {
             let r = checks::repair(channel, spec, &fields, &findings);
             let findings = checks::check(channel, spec, &r.fields);
             (r.fields, findings, r.sources, r.applied)
@@ -203,6 +235,7 @@ impl Pipeline {
             fields,
             findings,
             status,
+            first_findings: first_findings.unwrap_or_default(),
         })
     }
 }

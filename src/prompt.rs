@@ -121,9 +121,10 @@ impl Prompts {
             sources.push((name, text));
         }
         let partials = partials.finalize();
+        // all at once: a template may include one that sorts after it
+        tera.add_raw_templates(sources.iter().map(|(n, t)| (n.as_str(), t.as_str())))
+            .map_err(|e| load_err(error_chain(&e)))?;
         for (name, text) in &sources {
-            tera.add_raw_template(name, text)
-                .map_err(|e| load_err(format!("{name}: {}", error_chain(&e))))?;
             let mut h = Sha256::new();
             h.update(text.as_bytes());
             h.update(partials);
@@ -166,7 +167,25 @@ impl Prompts {
         spec: &ProductSpec,
         inputs: &PromptInputs<'_>,
     ) -> Result<Prompt, PromptError> {
-        let template = channel.template_name();
+        self.render_template(&channel.template_name(), channel, spec, inputs)
+    }
+
+    /// The plain prompt of `enricher eval --baseline` (`_baseline.tera`): the task and the
+    /// spec, without the channel template's guidance.
+    pub fn render_baseline(&self, channel: &Channel, spec: &ProductSpec) -> Result<Prompt, PromptError> {
+        let mut p = self.render_template("_baseline.tera", channel, spec, &PromptInputs::default())?;
+        p.system = String::new();
+        Ok(p)
+    }
+
+    fn render_template(
+        &self,
+        template: &str,
+        channel: &Channel,
+        spec: &ProductSpec,
+        inputs: &PromptInputs<'_>,
+    ) -> Result<Prompt, PromptError> {
+        let template = template.to_string();
         let Some(hash) = self.hashes.get(&template) else {
             return Err(PromptError::MissingTemplate {
                 channel: channel.name.clone(),
@@ -204,6 +223,7 @@ impl Prompts {
         let mut ctx = tera::Context::new();
         ctx.insert("spec", &view);
         ctx.insert("channel", &channel.name);
+        ctx.insert("channel_description", &channel.description.to_lowercase());
         ctx.insert("fields", &fields);
         ctx.insert("feedback", &inputs.feedback.map(data));
         ctx.insert("findings", &findings);

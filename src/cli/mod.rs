@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod eval;
 pub mod models;
 pub mod review;
 pub mod submit;
@@ -44,6 +45,7 @@ pub async fn run(config: Option<&Path>, command: Command) -> anyhow::Result<Exit
         Command::Models(cmd) => models::run(settings, cmd).await,
         Command::Tokens(cmd) => tokens::run(settings, cmd).await,
         Command::Bench(cmd) => bench::run(settings, cmd).await,
+        Command::Eval(args) => eval::run(settings, args).await,
         Command::Webhooks(cmd) => webhooks::webhooks(settings, cmd).await,
         Command::Deliveries(cmd) => webhooks::deliveries(settings, cmd).await,
         Command::Migrate => {
