@@ -97,7 +97,11 @@ pub struct EvalReport {
 }
 
 /// Loads up to `limit` valid products from `path` (a bad record is skipped and counted).
-pub fn load_specs(path: &std::path::Path, limit: Option<usize>, limits: &crate::config::InputLimits) -> Result<Vec<ProductSpec>, EvalError> {
+pub fn load_specs(
+    path: &std::path::Path,
+    limit: Option<usize>,
+    limits: &crate::config::InputLimits,
+) -> Result<Vec<ProductSpec>, EvalError> {
     let bytes = std::fs::read(path).map_err(|source| EvalError::Io {
         path: path.display().to_string(),
         source,
@@ -178,7 +182,10 @@ pub fn summarize(mode: &'static str, samples: &[Sample], wall_seconds: f64) -> M
         let of: Vec<&Sample> = samples.iter().filter(|s| s.channel == ch).collect();
         let n = of.len();
         let nf = n.max(1) as f64;
-        let ready: Vec<&&Sample> = of.iter().filter(|s| s.status == DraftStatus::PendingReview).collect();
+        let ready: Vec<&&Sample> = of
+            .iter()
+            .filter(|s| s.status == DraftStatus::PendingReview)
+            .collect();
         let (mut model_fields, mut all_fields) = (0usize, 0usize);
         for s in &ready {
             for src in s.field_sources.values() {
@@ -206,16 +213,35 @@ pub fn summarize(mode: &'static str, samples: &[Sample], wall_seconds: f64) -> M
                 drafts: n,
                 ready: ready.len(),
                 ready_share: ready.len() as f64 / nf,
-                model_field_share: if all_fields == 0 { 0.0 } else { model_fields as f64 / all_fields as f64 },
+                model_field_share: if all_fields == 0 {
+                    0.0
+                } else {
+                    model_fields as f64 / all_fields as f64
+                },
                 rule_failure_before: before,
                 rule_failure_after: after,
-                grounding_errors_before: of.iter().map(|s| grounding(&s.first_findings)).sum::<usize>() as f64 / nf,
-                grounding_errors_after: of.iter().map(|s| grounding(&s.findings)).sum::<usize>() as f64 / nf,
-                grounding_draft_share_before: of.iter().filter(|s| grounding(&s.first_findings) > 0).count() as f64 / nf,
-                grounding_draft_share_after: of.iter().filter(|s| grounding(&s.findings) > 0).count() as f64 / nf,
+                grounding_errors_before: of
+                    .iter()
+                    .map(|s| grounding(&s.first_findings))
+                    .sum::<usize>() as f64
+                    / nf,
+                grounding_errors_after: of.iter().map(|s| grounding(&s.findings)).sum::<usize>()
+                    as f64
+                    / nf,
+                grounding_draft_share_before: of
+                    .iter()
+                    .filter(|s| grounding(&s.first_findings) > 0)
+                    .count() as f64
+                    / nf,
+                grounding_draft_share_after: of
+                    .iter()
+                    .filter(|s| grounding(&s.findings) > 0)
+                    .count() as f64
+                    / nf,
                 model_calls_mean: of.iter().map(|s| s.model_calls as f64).sum::<f64>() / nf,
                 prompt_tokens_mean: of.iter().map(|s| s.prompt_tokens as f64).sum::<f64>() / nf,
-                completion_tokens_mean: of.iter().map(|s| s.completion_tokens as f64).sum::<f64>() / nf,
+                completion_tokens_mean: of.iter().map(|s| s.completion_tokens as f64).sum::<f64>()
+                    / nf,
                 latency_ms_p50: percentile(&lat, 0.5),
                 latency_ms_p90: percentile(&lat, 0.9),
                 latency_ms_max: lat.last().copied().unwrap_or(0),
@@ -223,7 +249,14 @@ pub fn summarize(mode: &'static str, samples: &[Sample], wall_seconds: f64) -> M
         );
     }
     let mut worst: Vec<Sample> = samples.to_vec();
-    worst.sort_by_key(|s| std::cmp::Reverse(s.findings.iter().filter(|f| f.severity == Severity::Error).count()));
+    worst.sort_by_key(|s| {
+        std::cmp::Reverse(
+            s.findings
+                .iter()
+                .filter(|f| f.severity == Severity::Error)
+                .count(),
+        )
+    });
     worst.retain(|s| s.findings.iter().any(|f| f.severity == Severity::Error));
     worst.truncate(10);
     ModeReport {
@@ -252,7 +285,9 @@ pub fn markdown(r: &EvalReport) -> String {
     out.push_str("## Headline\n\n");
     out.push_str("| channel | mode | ready without edits | ready fields written by the model | drafts with ungrounded claims (first answer -> final) | model calls per draft | latency p50 / p90 |\n");
     out.push_str("| --- | --- | --- | --- | --- | --- | --- |\n");
-    let modes: Vec<&ModeReport> = std::iter::once(&r.enricher).chain(r.baseline.iter()).collect();
+    let modes: Vec<&ModeReport> = std::iter::once(&r.enricher)
+        .chain(r.baseline.iter())
+        .collect();
     for ch in &r.channels {
         for m in &modes {
             if let Some(s) = m.by_channel.get(ch) {
@@ -273,13 +308,20 @@ pub fn markdown(r: &EvalReport) -> String {
         }
     }
     for m in &modes {
-        out.push_str(&format!("\n## Rule failures, {} (share of drafts; first answer -> final)\n\n", m.mode));
+        out.push_str(&format!(
+            "\n## Rule failures, {} (share of drafts; first answer -> final)\n\n",
+            m.mode
+        ));
         for (ch, s) in &m.by_channel {
             out.push_str(&format!(
                 "### {ch}\n\nTokens per draft: {:.0} prompt, {:.0} completion. Grounding errors per draft: {:.2} -> {:.2}. Wall time {:.0} s for the mode.\n\n| rule | first answer | final |\n| --- | --- | --- |\n",
                 s.prompt_tokens_mean, s.completion_tokens_mean, s.grounding_errors_before, s.grounding_errors_after, m.wall_seconds
             ));
-            let rules: BTreeSet<&String> = s.rule_failure_before.keys().chain(s.rule_failure_after.keys()).collect();
+            let rules: BTreeSet<&String> = s
+                .rule_failure_before
+                .keys()
+                .chain(s.rule_failure_after.keys())
+                .collect();
             for rule in rules {
                 out.push_str(&format!(
                     "| `{rule}` | {} | {} |\n",
@@ -291,7 +333,10 @@ pub fn markdown(r: &EvalReport) -> String {
         }
         out.push_str(&format!("## The 10 worst drafts, {}\n\n", m.mode));
         for s in &m.worst {
-            out.push_str(&format!("- **{}** / {} ({}):\n", s.product_id, s.channel, s.status));
+            out.push_str(&format!(
+                "- **{}** / {} ({}):\n",
+                s.product_id, s.channel, s.status
+            ));
             for (k, v) in &s.fields {
                 let text = match v {
                     FieldValue::Text(t) => t.clone(),
@@ -323,7 +368,13 @@ mod tests {
         }
     }
 
-    fn sample(ch: &str, status: DraftStatus, first: Vec<Finding>, last: Vec<Finding>, sources: &[FieldSource]) -> Sample {
+    fn sample(
+        ch: &str,
+        status: DraftStatus,
+        first: Vec<Finding>,
+        last: Vec<Finding>,
+        sources: &[FieldSource],
+    ) -> Sample {
         Sample {
             product_id: "p".into(),
             channel: ch.into(),
@@ -331,7 +382,11 @@ mod tests {
             fields: Fields::new(),
             findings: last,
             first_findings: first,
-            field_sources: sources.iter().enumerate().map(|(i, s)| (format!("f{i}"), *s)).collect(),
+            field_sources: sources
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("f{i}"), *s))
+                .collect(),
             model_calls: 1,
             prompt_tokens: 100,
             completion_tokens: 20,
@@ -343,10 +398,34 @@ mod tests {
     #[test]
     fn summary_counts_ready_sources_and_rule_rates() {
         let samples = vec![
-            sample("seo", DraftStatus::PendingReview, vec![finding("grounding.number")], vec![], &[FieldSource::Model, FieldSource::Fallback]),
-            sample("seo", DraftStatus::PendingReview, vec![], vec![], &[FieldSource::Model, FieldSource::Model]),
-            sample("seo", DraftStatus::NeedsAttention, vec![finding("length.max")], vec![finding("length.max")], &[FieldSource::Model]),
-            sample("seo", DraftStatus::PendingReview, vec![], vec![], &[FieldSource::Model, FieldSource::Model]),
+            sample(
+                "seo",
+                DraftStatus::PendingReview,
+                vec![finding("grounding.number")],
+                vec![],
+                &[FieldSource::Model, FieldSource::Fallback],
+            ),
+            sample(
+                "seo",
+                DraftStatus::PendingReview,
+                vec![],
+                vec![],
+                &[FieldSource::Model, FieldSource::Model],
+            ),
+            sample(
+                "seo",
+                DraftStatus::NeedsAttention,
+                vec![finding("length.max")],
+                vec![finding("length.max")],
+                &[FieldSource::Model],
+            ),
+            sample(
+                "seo",
+                DraftStatus::PendingReview,
+                vec![],
+                vec![],
+                &[FieldSource::Model, FieldSource::Model],
+            ),
         ];
         let r = summarize("enricher", &samples, 1.0);
         let s = &r.by_channel["seo"];

@@ -105,7 +105,8 @@ impl Pipeline {
         channel_name: &str,
         feedback: Option<&str>,
     ) -> Result<Outcome, PipelineError> {
-        self.enrich_with(spec, channel_name, feedback, Mode::Full).await
+        self.enrich_with(spec, channel_name, feedback, Mode::Full)
+            .await
     }
 
     pub async fn enrich_with(
@@ -124,7 +125,11 @@ impl Pipeline {
             sampling.max_new_tokens = sampling.max_new_tokens.min(cap);
         }
         let schema = channel.schema();
-        let rounds = if full { 1 + self.settings.repair.max_prompts } else { 1 };
+        let rounds = if full {
+            1 + self.settings.repair.max_prompts
+        } else {
+            1
+        };
         let mut first_findings: Option<Vec<Finding>> = None;
         let started = Instant::now();
         let (mut prompt_tokens, mut completion_tokens) = (0u64, 0u64);

@@ -172,8 +172,13 @@ impl Prompts {
 
     /// The plain prompt of `enricher eval --baseline` (`_baseline.tera`): the task and the
     /// spec, without the channel template's guidance.
-    pub fn render_baseline(&self, channel: &Channel, spec: &ProductSpec) -> Result<Prompt, PromptError> {
-        let mut p = self.render_template("_baseline.tera", channel, spec, &PromptInputs::default())?;
+    pub fn render_baseline(
+        &self,
+        channel: &Channel,
+        spec: &ProductSpec,
+    ) -> Result<Prompt, PromptError> {
+        let mut p =
+            self.render_template("_baseline.tera", channel, spec, &PromptInputs::default())?;
         p.system = String::new();
         Ok(p)
     }

@@ -784,6 +784,10 @@ impl FallbackRenderer {
                     .map(|c| c.trim().to_string())
             })
             .unwrap_or_default();
+        // Facts for fallback copy: not the brand or product type again, nothing that reads
+        // like an instruction (spec text is data; an injected "ignore previous instructions"
+        // must not become copy), nothing too long to be one fact.
+        let injection = super::injection::Injection::new(spec, &[]);
         let details: Vec<&AttrView> = attrs
             .iter()
             .filter(|a| {
@@ -792,6 +796,9 @@ impl FallbackRenderer {
                     .chain(BRAND_ATTRS)
                     .any(|n| n.eq_ignore_ascii_case(&a.name))
                     && !a.value.eq_ignore_ascii_case(&brand)
+                    && a.value.chars().count() <= 80
+                    && injection.scan(&a.value).is_empty()
+                    && injection.scan(&a.name).is_empty()
             })
             .collect();
         let attr: BTreeMap<&str, &str> = attrs

@@ -36,8 +36,16 @@ pub struct EvalArgs {
 
 pub async fn run(mut settings: Settings, args: EvalArgs) -> anyhow::Result<ExitCode> {
     if let Some(p) = &args.provider {
-        anyhow::ensure!(settings.providers.contains_key(p), "unknown provider `{p}` (configured: {})",
-            settings.providers.keys().cloned().collect::<Vec<_>>().join(", "));
+        anyhow::ensure!(
+            settings.providers.contains_key(p),
+            "unknown provider `{p}` (configured: {})",
+            settings
+                .providers
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         settings.routing.clear();
         settings.default_provider = p.clone();
     }
@@ -48,7 +56,10 @@ pub async fn run(mut settings: Settings, args: EvalArgs) -> anyhow::Result<ExitC
     let app = App::init(settings).await.context("starting")?;
     let channels = app.channels.resolve(&args.channels)?;
     let specs = eval::load_specs(&args.input, args.limit, &app.settings.limits)?;
-    let pipeline = app.pipeline().await.context("loading the model providers")?;
+    let pipeline = app
+        .pipeline()
+        .await
+        .context("loading the model providers")?;
     let provider = app.settings.provider_for(&channels[0]).to_string();
     let info = pipeline.providers.for_channel(&channels[0])?.info();
     let mut modes = vec![(Mode::Full, "enricher")];
@@ -59,11 +70,16 @@ pub async fn run(mut settings: Settings, args: EvalArgs) -> anyhow::Result<ExitC
     for (mode, name) in modes {
         let pb = ProgressBar::new((specs.len() * channels.len()) as u64);
         pb.set_style(
-            ProgressStyle::with_template("{msg} [{elapsed_precise}] {bar:40} {pos}/{len} (eta {eta})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{msg} [{elapsed_precise}] {bar:40} {pos}/{len} (eta {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         pb.set_message(name);
-        let (samples, wall) = eval::run_mode(&pipeline, &specs, &channels, mode, |done, _| pb.set_position(done as u64)).await?;
+        let (samples, wall) = eval::run_mode(&pipeline, &specs, &channels, mode, |done, _| {
+            pb.set_position(done as u64)
+        })
+        .await?;
         pb.finish();
         reports.push(eval::summarize(name, &samples, wall));
     }
@@ -83,7 +99,11 @@ pub async fn run(mut settings: Settings, args: EvalArgs) -> anyhow::Result<ExitC
             std::fs::write(path, &md).with_context(|| format!("writing {}", path.display()))?;
             let json = path.with_extension("json");
             std::fs::write(&json, serde_json::to_string_pretty(&report)?)?;
-            eprintln!("report written to {} and {}", path.display(), json.display());
+            eprintln!(
+                "report written to {} and {}",
+                path.display(),
+                json.display()
+            );
             println!("{}", md.split("\n## Rule failures").next().unwrap_or(&md));
         }
         None => println!("{md}"),

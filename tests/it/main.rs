@@ -7,6 +7,7 @@ mod api;
 mod browser;
 mod cli;
 mod delivery;
+mod injection;
 mod input;
 mod limits;
 mod remote;
