@@ -67,14 +67,11 @@ async fn injected_instructions_stay_data_and_echoes_are_not_ready() {
     // the repair dropped what echoed the injection, and says so
     let repairs = d["provenance"]["repairs"].to_string();
     assert!(repairs.contains("injection.echo"), "{repairs}");
-    if d["status"] == "pending_review" {
-        assert!(
-            !text.contains("BUY NOW") && !text.to_lowercase().contains("ignore previous"),
-            "ready copy echoes the injection: {text}"
-        );
-    } else {
-        assert_eq!(d["status"], "needs_attention");
-        assert!(flagged || text.contains("BUY NOW"), "{d}");
+    // copy that still echoes it can only be a draft that needs attention, flagged
+    let echoes = text.contains("BUY NOW") || text.to_lowercase().contains("ignore previous");
+    if echoes {
+        assert_eq!(d["status"], "needs_attention", "{d}");
+        assert!(flagged, "{d}");
     }
 }
 
