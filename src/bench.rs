@@ -408,3 +408,163 @@ pub async fn remote(
         fraction_of_limit: rps / limit,
     })
 }
+
+/// One `bench local` result (medians over the runs).
+#[derive(Debug, Clone, Serialize)]
+pub struct LocalFigure {
+    pub model: String,
+    pub model_file_mib: f64,
+    pub runs: usize,
+    pub prompt_tokens: usize,
+    /// Mean tokens generated per run (a run stops early at end of turn).
+    pub gen_tokens: f64,
+    pub prompt_tokens_per_s: f64,
+    pub gen_tokens_per_s: f64,
+    pub time_to_first_token_ms: f64,
+    /// Requests sent at once; with more than one, `batch_tokens_per_s` is the aggregate.
+    pub batch: usize,
+    pub batch_gen_tokens_per_s: Option<f64>,
+    pub peak_rss_mib: f64,
+    pub load_seconds: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+/// Peak resident memory of this process (VmHWM), MiB.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|k| k.parse::<f64>().ok())
+            })
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// A user prompt of about `n` tokens (chat template included): product data and a task.
+fn prompt_of(
+    provider: &crate::llm::local::LocalProvider,
+    system: &str,
+    n: usize,
+) -> Result<String, BenchError> {
+    let specs = String::from_utf8_lossy(&synthetic_specs(64)).to_string();
+    let words: Vec<&str> = specs.split_whitespace().collect();
+    let task = "Write a detailed product description for the product below.\n\n";
+    let build = |k: usize| format!("{task}{}", words[..k.min(words.len())].join(" "));
+    let len = |k: usize| {
+        provider
+            .prompt_ids(system, &build(k))
+            .map(|v| v.len())
+            .unwrap_or(0)
+    };
+    let (mut lo, mut hi) = (0usize, words.len());
+    if len(hi) < n {
+        return Err(BenchError::Setup(format!(
+            "cannot build a {n}-token prompt"
+        )));
+    }
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if len(mid) < n {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(build(lo))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn local(
+    base: &Settings,
+    model: Option<&str>,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    runs: usize,
+    batch: usize,
+    dump_prompt: Option<&std::path::Path>,
+) -> Result<LocalFigure, BenchError> {
+    let mut ps = base
+        .providers
+        .values()
+        .find(|p| p.kind == ProviderKind::Local)
+        .cloned()
+        .ok_or_else(|| BenchError::Setup("no local provider configured".into()))?;
+    if let Some(m) = model {
+        ps.model = m.to_string();
+    }
+    let provider = crate::llm::local::LocalProvider::load("bench", &ps, &base.paths.models_dir)
+        .await
+        .map_err(setup)?;
+    let system = "You write factual product copy.";
+    let user = prompt_of(&provider, system, prompt_tokens)?;
+    let ids = provider.prompt_ids(system, &user).map_err(setup)?;
+    if let Some(path) = dump_prompt {
+        std::fs::write(
+            path,
+            serde_json::json!({"system": system, "user": user, "ids": ids, "gen_tokens": gen_tokens}).to_string(),
+        )
+        .map_err(setup)?;
+    }
+    let req = GenerateRequest {
+        system: system.into(),
+        user: user.clone(),
+        sampling: crate::llm::Sampling {
+            temperature: 0.0,
+            max_new_tokens: gen_tokens,
+            ..Default::default()
+        },
+        schema: None,
+        allowed_numbers: None,
+    };
+    // one warm-up run: page the weights in
+    provider.generate_timed(req.clone()).await.map_err(setup)?;
+    let (mut ptps, mut gtps, mut ttft, mut gens) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..runs.max(1) {
+        let (g, t) = provider.generate_timed(req.clone()).await.map_err(setup)?;
+        ptps.push(t.prompt_tokens_per_s(&g));
+        gtps.push(t.completion_tokens_per_s(&g));
+        ttft.push((t.tokenize + t.prefill).as_secs_f64() * 1000.0);
+        gens.push(f64::from(g.completion_tokens));
+    }
+    let batch_gen = if batch > 1 {
+        let started = Instant::now();
+        let calls: Vec<_> = (0..batch).map(|_| provider.generate(req.clone())).collect();
+        let results = futures::future::join_all(calls).await;
+        let tokens: u32 = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|g| g.completion_tokens)
+            .sum();
+        Some(f64::from(tokens) / started.elapsed().as_secs_f64())
+    } else {
+        None
+    };
+    let file_mib = std::fs::metadata(provider.model_path())
+        .map(|m| m.len() as f64 / 1048576.0)
+        .unwrap_or(0.0);
+    Ok(LocalFigure {
+        model: ps.model,
+        model_file_mib: file_mib,
+        runs: runs.max(1),
+        prompt_tokens: ids.len(),
+        gen_tokens: gens.iter().sum::<f64>() / gens.len().max(1) as f64,
+        prompt_tokens_per_s: median(ptps),
+        gen_tokens_per_s: median(gtps),
+        time_to_first_token_ms: median(ttft),
+        batch,
+        batch_gen_tokens_per_s: batch_gen,
+        peak_rss_mib: peak_rss_mib(),
+        load_seconds: provider.load_time().as_secs_f64(),
+    })
+}

@@ -29,6 +29,27 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 2000)]
         jobs: usize,
     },
+    /// Local inference speed: prompt and generation tokens/s, time to first token, peak RSS.
+    Local {
+        /// A model from models/models.toml (default: the local provider's).
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, default_value_t = 300)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 64)]
+        gen_tokens: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Also send this many requests at once and report the aggregate generation rate.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Write the prompt (text and token ids) here, to run the same prompt elsewhere.
+        #[arg(long)]
+        dump_prompt: Option<std::path::PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remote-provider throughput against a loopback server with a fixed latency.
     Remote {
         #[arg(long, default_value_t = 200)]
@@ -78,6 +99,46 @@ pub async fn run(settings: Settings, cmd: BenchCommand) -> anyhow::Result<ExitCo
                 f.cpu_ms_per_job,
                 f.wall_ms_per_job
             );
+        }
+        BenchCommand::Local {
+            model,
+            prompt_tokens,
+            gen_tokens,
+            runs,
+            batch,
+            dump_prompt,
+            json,
+        } => {
+            let f = bench::local(
+                &settings,
+                model.as_deref(),
+                prompt_tokens,
+                gen_tokens,
+                runs,
+                batch,
+                dump_prompt.as_deref(),
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&f)?);
+            } else {
+                println!("| model | prompt tokens | prompt tok/s | gen tok/s | first token ms | batch | batch gen tok/s | peak RSS MiB (file MiB) |");
+                println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+                println!(
+                    "| {} | {} | {:.1} | {:.1} | {:.0} | {} | {} | {:.0} ({:.0}) |",
+                    f.model,
+                    f.prompt_tokens,
+                    f.prompt_tokens_per_s,
+                    f.gen_tokens_per_s,
+                    f.time_to_first_token_ms,
+                    f.batch,
+                    f.batch_gen_tokens_per_s
+                        .map(|x| format!("{x:.1}"))
+                        .unwrap_or_else(|| "-".into()),
+                    f.peak_rss_mib,
+                    f.model_file_mib
+                );
+            }
         }
         BenchCommand::Remote {
             latency_ms,
