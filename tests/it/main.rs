@@ -12,3 +12,4 @@ mod input;
 mod limits;
 mod remote;
 mod roles;
+mod schema;
