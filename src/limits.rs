@@ -100,9 +100,10 @@ pub async fn over_budget(
     db: &Db,
     daily_tokens: Option<u64>,
     batch_id: &str,
+    budget: Option<i64>,
 ) -> Result<Option<String>, store::StoreError> {
-    let (budget, used) = store::limits::batch_budget(db, batch_id).await?;
     if let Some(b) = budget {
+        let used = store::limits::batch_tokens(db, batch_id).await?;
         if used >= b {
             return Ok(Some(format!(
                 "batch token budget of {b} exhausted ({used} used); raise it to resume"

@@ -100,45 +100,44 @@ pub async fn run_attempt(
     attempt: i64,
 ) -> Result<(), AttemptError> {
     let db = &deps.db;
-    let task = match store::tasks::get(db, task_id).await {
+    let (task, spec, budget) = match store::tasks::load_for_attempt(db, task_id).await {
         Ok(t) => t,
         Err(StoreError::NotFound(_)) => {
             return Err(AttemptError::Abort(format!(
                 "task {task_id} does not exist"
             )))
         }
+        Err(e @ StoreError::Corrupt(_)) => return fail(db, task_id, &e.to_string()).await,
         Err(e) => return Err(AttemptError::Retry(e.to_string())),
     };
     tracing::Span::current().record("channel", task.channel.as_str());
     tracing::Span::current().record("product_id", task.product_id.as_str());
-    match store::tasks::start_attempt(db, task_id, attempt).await {
-        Ok(true) => {}
-        Ok(false) => return Ok(()), // already finished: a duplicate delivery
-        Err(e) => return Err(AttemptError::Retry(e.to_string())),
+    if task.status == "succeeded" || task.status == "failed" {
+        return Ok(()); // already finished: a duplicate delivery
     }
     let max = task.max_attempts;
-    let spec = match store::tasks::spec_of(db, &task.spec_id).await {
-        Ok(s) => s,
-        Err(e @ (StoreError::Corrupt(_) | StoreError::NotFound(_))) => {
-            return fail(db, task_id, &e.to_string()).await;
+    let daily = deps.settings.budget.daily_tokens;
+    if budget.is_some() || daily.is_some() {
+        match crate::limits::over_budget(db, daily, &task.batch_id, budget).await {
+            Ok(None) => {}
+            Ok(Some(reason)) => {
+                // parked, not failed: no attempt is spent; raising the budget resumes it
+                tracing::info!(task_id, %reason, "task parked");
+                return match store::limits::park(db, task_id, &task.batch_id, &reason).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(AttemptError::Retry(e.to_string())),
+                };
+            }
+            Err(e) => {
+                return retry_or_fail(deps, task_id, job_id, attempt, max, &e.to_string(), None)
+                    .await
+            }
         }
-        Err(e) => {
-            return retry_or_fail(deps, task_id, job_id, attempt, max, &e.to_string(), None).await
-        }
-    };
-    match crate::limits::over_budget(db, deps.settings.budget.daily_tokens, &task.batch_id).await {
-        Ok(None) => {}
-        Ok(Some(reason)) => {
-            // parked, not failed: no attempt is spent; raising the budget resumes it
-            tracing::info!(task_id, %reason, "task parked");
-            return match store::limits::park(db, task_id, &task.batch_id, &reason).await {
-                Ok(()) => Ok(()),
-                Err(e) => Err(AttemptError::Retry(e.to_string())),
-            };
-        }
-        Err(e) => {
-            return retry_or_fail(deps, task_id, job_id, attempt, max, &e.to_string(), None).await
-        }
+    }
+    match store::tasks::start_attempt(db, task_id, attempt).await {
+        Ok(true) => {}
+        Ok(false) => return Ok(()), // finished meanwhile
+        Err(e) => return Err(AttemptError::Retry(e.to_string())),
     }
     let timeout = Duration::from_secs(deps.settings.worker.task_timeout_s.max(1));
     let result = tokio::time::timeout(
@@ -163,21 +162,12 @@ pub async fn run_attempt(
         Ok(Ok(o)) => o,
     };
     let spent = (outcome.provenance.prompt_tokens + outcome.provenance.completion_tokens) as i64;
-    if let Err(e) = store::limits::record_usage(
-        db,
-        &crate::limits::today(),
-        &outcome.provenance.model.provider,
-        &task.batch_id,
-        spent,
-    )
-    .await
-    {
-        tracing::warn!(task_id, error = %e, "could not record token usage");
-    }
+    let today = crate::limits::today();
     let provenance = serde_json::to_value(&outcome.provenance)
         .map_err(|e| AttemptError::Abort(format!("provenance: {e}")))?;
     let stored = store::drafts::insert_for_task(
         db,
+        &task,
         &NewDraft {
             task_id,
             status: outcome.status,
@@ -186,6 +176,9 @@ pub async fn run_attempt(
             provenance: &provenance,
             rules_version: &outcome.provenance.rules_version,
             attempts: attempt,
+            tokens: spent,
+            // the day's usage only matters (and is only written) under a daily budget
+            day_usage: daily.map(|_| (today.as_str(), outcome.provenance.model.provider.as_str())),
         },
     )
     .await;

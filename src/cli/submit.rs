@@ -315,7 +315,14 @@ pub async fn budget(settings: Settings, args: BudgetArgs) -> anyhow::Result<Exit
         anyhow::bail!("--tokens must be a positive number");
     }
     store::limits::set_batch_budget(&app.db, &args.batch, budget).await?;
-    let resumed = match enricher::limits::over_budget(&app.db, None, &args.batch).await? {
+    let resumed = match enricher::limits::over_budget(
+        &app.db,
+        None,
+        &args.batch,
+        store::limits::batch_budget(&app.db, &args.batch).await?,
+    )
+    .await?
+    {
         None => {
             store::limits::resume_parked(&app.db, Some(&args.batch), "batch token budget").await?
         }

@@ -329,7 +329,14 @@ async fn set_budget(
             .after(serde_json::json!({"token_budget": b.token_budget})),
     )
     .await?;
-    let resumed = match crate::limits::over_budget(&s.db, None, &id).await? {
+    let resumed = match crate::limits::over_budget(
+        &s.db,
+        None,
+        &id,
+        store::limits::batch_budget(&s.db, &id).await?,
+    )
+    .await?
+    {
         None => store::limits::resume_parked(&s.db, Some(&id), "batch token budget").await?,
         Some(_) => 0,
     };

@@ -123,7 +123,6 @@ struct BatchRow {
     input_errors: i64,
     submitted_by: Option<String>,
     token_budget: Option<i64>,
-    tokens_used: i64,
     paused_reason: Option<String>,
 }
 
@@ -173,6 +172,7 @@ async fn status_of(db: &Db, row: BatchRow) -> Result<BatchStatus, StoreError> {
     .fetch_all(p)
     .await)?;
     let tasks_by_status: BTreeMap<String, i64> = tasks.into_iter().collect();
+    let tokens_used = super::limits::batch_tokens(db, &row.id).await?;
     let total: i64 = tasks_by_status.values().sum();
     let finished = tasks_by_status.get("succeeded").copied().unwrap_or(0)
         + tasks_by_status.get("failed").copied().unwrap_or(0);
@@ -187,7 +187,7 @@ async fn status_of(db: &Db, row: BatchRow) -> Result<BatchStatus, StoreError> {
         tasks: total,
         done: finished == total,
         token_budget: row.token_budget,
-        tokens_used: row.tokens_used,
+        tokens_used,
         paused_reason: row.paused_reason,
         tasks_by_status,
         drafts_by_status: drafts.into_iter().collect(),

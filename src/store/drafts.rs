@@ -111,20 +111,27 @@ pub struct NewDraft<'a> {
     pub provenance: &'a serde_json::Value,
     pub rules_version: &'a str,
     pub attempts: i64,
+    /// Tokens spent (prompt + completion).
+    pub tokens: i64,
+    /// `(day, provider)`: also add the tokens to that day's usage (daily budget).
+    pub day_usage: Option<(&'a str, &'a str)>,
 }
 
 /// Stores the draft of a task and marks the task succeeded, in one transaction. Idempotent
 /// per task: when the task already has a draft (a re-delivered job), nothing changes and
 /// the existing draft's id is returned.
-pub async fn insert_for_task(db: &Db, d: &NewDraft<'_>) -> Result<String, StoreError> {
-    let task = super::tasks::get(db, d.task_id).await?;
+pub async fn insert_for_task(
+    db: &Db,
+    task: &super::tasks::Task,
+    d: &NewDraft<'_>,
+) -> Result<String, StoreError> {
     let id = new_id();
     let now = now_ms();
     let mut tx = db.begin().await?;
     let inserted = on_tx!(&mut tx, c => sqlx::query(
         "insert into drafts (id, task_id, batch_id, spec_id, product_id, channel, status, fields, findings,
-                             provenance, rules_version, attempts, revision, parent_draft_id, created_at, updated_at)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 0, $13, $14, $14)
+                             provenance, rules_version, attempts, revision, parent_draft_id, created_at, updated_at, tokens)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 0, $13, $14, $14, $15)
          on conflict (task_id) do nothing",
     )
     .bind(&id)
@@ -141,6 +148,7 @@ pub async fn insert_for_task(db: &Db, d: &NewDraft<'_>) -> Result<String, StoreE
     .bind(d.attempts)
     .bind(task.parent_draft_id.as_deref())
     .bind(now)
+    .bind(d.tokens)
     .execute(c)
     .await
     .map(|r| r.rows_affected()))?;
@@ -152,6 +160,18 @@ pub async fn insert_for_task(db: &Db, d: &NewDraft<'_>) -> Result<String, StoreE
     .execute(c)
     .await
     .map(|r| r.rows_affected()))?;
+    if let (1, Some((day, provider))) = (inserted, d.day_usage) {
+        on_tx!(&mut tx, c => sqlx::query(
+            "insert into token_usage (day, provider, tokens) values ($1, $2, $3)
+             on conflict (day, provider) do update set tokens = token_usage.tokens + excluded.tokens",
+        )
+        .bind(day)
+        .bind(provider)
+        .bind(d.tokens)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+    }
     tx.commit().await?;
     if inserted == 1 {
         return Ok(id);

@@ -72,33 +72,6 @@ pub async fn prune_windows(db: &Db, before: i64) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Adds spent tokens to the day's usage and to the task's batch.
-pub async fn record_usage(
-    db: &Db,
-    day: &str,
-    provider: &str,
-    batch_id: &str,
-    tokens: i64,
-) -> Result<(), StoreError> {
-    on_db!(db, p => sqlx::query(
-        "insert into token_usage (day, provider, tokens) values ($1, $2, $3)
-         on conflict (day, provider) do update set tokens = token_usage.tokens + excluded.tokens",
-    )
-    .bind(day)
-    .bind(provider)
-    .bind(tokens)
-    .execute(p)
-    .await
-    .map(|r| r.rows_affected()))?;
-    on_db!(db, p => sqlx::query("update batches set tokens_used = tokens_used + $1 where id = $2")
-        .bind(tokens)
-        .bind(batch_id)
-        .execute(p)
-        .await
-        .map(|r| r.rows_affected()))?;
-    Ok(())
-}
-
 /// Tokens spent on `day` over all providers.
 pub async fn day_usage(db: &Db, day: &str) -> Result<i64, StoreError> {
     let n: Option<i64> = on_db!(db, p => sqlx::query_scalar(
@@ -110,10 +83,20 @@ pub async fn day_usage(db: &Db, day: &str) -> Result<i64, StoreError> {
     Ok(n.unwrap_or(0))
 }
 
-/// (token_budget, tokens_used) of a batch.
-pub async fn batch_budget(db: &Db, batch_id: &str) -> Result<(Option<i64>, i64), StoreError> {
-    let row: Option<(Option<i64>, i64)> = on_db!(db, p => sqlx::query_as(
-        "select token_budget, tokens_used from batches where id = $1",
+/// Tokens a batch has spent: the sum over its drafts.
+pub async fn batch_tokens(db: &Db, batch_id: &str) -> Result<i64, StoreError> {
+    Ok(on_db!(db, p => sqlx::query_scalar(
+        "select cast(coalesce(sum(tokens), 0) as bigint) from drafts where batch_id = $1",
+    )
+    .bind(batch_id)
+    .fetch_one(p)
+    .await)?)
+}
+
+/// A batch's token budget, if it has one.
+pub async fn batch_budget(db: &Db, batch_id: &str) -> Result<Option<i64>, StoreError> {
+    let row: Option<Option<i64>> = on_db!(db, p => sqlx::query_scalar(
+        "select token_budget from batches where id = $1",
     )
     .bind(batch_id)
     .fetch_optional(p)

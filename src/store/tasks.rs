@@ -76,6 +76,34 @@ pub async fn spec_of(db: &Db, spec_id: &str) -> Result<ProductSpec, StoreError> 
     ProductSpec::from_stored(v).map_err(|e| StoreError::Corrupt(format!("spec {spec_id}: {e}")))
 }
 
+/// Everything an attempt needs, in one query: the task, its spec, and its batch's token
+/// budget (when the batch has one).
+pub async fn load_for_attempt(
+    db: &Db,
+    id: &str,
+) -> Result<(Task, ProductSpec, Option<i64>), StoreError> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        #[sqlx(flatten)]
+        task: Task,
+        body: String,
+        token_budget: Option<i64>,
+    }
+    let row: Option<Row> = on_db!(db, p => sqlx::query_as(
+        "select t.*, s.body, b.token_budget from tasks t
+         join specs s on s.id = t.spec_id join batches b on b.id = t.batch_id
+         where t.id = $1",
+    )
+    .bind(id)
+    .fetch_optional(p)
+    .await)?;
+    let row = row.ok_or_else(|| StoreError::NotFound(format!("task {id}")))?;
+    let v: serde_json::Value = super::from_json("spec body", &row.body)?;
+    let spec = ProductSpec::from_stored(v)
+        .map_err(|e| StoreError::Corrupt(format!("spec {}: {e}", row.task.spec_id)))?;
+    Ok((row.task, spec, row.token_budget))
+}
+
 /// Marks the start of an attempt. Returns false when the task is already finished (a
 /// duplicate delivery of the job), in which case the caller must not run it again.
 pub async fn start_attempt(db: &Db, id: &str, attempt: i64) -> Result<bool, StoreError> {
