@@ -433,6 +433,12 @@ impl Parts {
                 }
             }
         };
+        metrics::counter!("enricher_delivery_attempts_total", "outcome" => match next {
+            Next::Delivered => "delivered",
+            Next::Dead => "dead",
+            Next::RetryAt(_) => "retry",
+        })
+        .increment(1);
         let record = AttemptRecord {
             attempt,
             started_at,

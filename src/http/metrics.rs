@@ -29,6 +29,11 @@ async fn render(State(s): State<AppState>) -> impl IntoResponse {
             metrics::gauge!("enricher_drafts", "status" => status).set(n as f64);
         }
     }
+    if let Ok(rows) = store::stats::deliveries_by_status(&s.db).await {
+        for (status, n) in rows {
+            metrics::gauge!("enricher_deliveries", "status" => status).set(n as f64);
+        }
+    }
     if let Ok(n) = jobs::queue_depth(&s.db, jobs::ENRICH_QUEUE).await {
         metrics::gauge!("enricher_queue_depth").set(n as f64);
     }

@@ -17,3 +17,11 @@ pub async fn drafts_by_status(db: &Db) -> Result<Vec<(String, i64)>, StoreError>
         .await)?,
     )
 }
+
+pub async fn deliveries_by_status(db: &Db) -> Result<Vec<(String, i64)>, StoreError> {
+    Ok(
+        on_db!(db, p => sqlx::query_as("select status, count(*) from webhook_deliveries group by status")
+        .fetch_all(p)
+        .await)?,
+    )
+}
