@@ -8,6 +8,17 @@ use serde::Serialize;
 use super::{jobs, new_id, now_ms, on_db, on_tx, to_json, Db, StoreError};
 use crate::spec::{Position, ProductSpec, SpecError};
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn values_are_numbered_in_order() {
+        assert_eq!(
+            super::values_sql(2, "(?, 'x', ?)"),
+            "($1, 'x', $2), ($3, 'x', $4)"
+        );
+    }
+}
+
 /// A validated submission, ready to be stored and queued.
 #[derive(Debug)]
 pub struct NewSubmission<'a> {
@@ -31,6 +42,30 @@ pub struct Receipt {
     pub products: usize,
     pub tasks: usize,
     pub task_ids: Vec<String>,
+}
+
+/// Rows per multi-row insert (well under SQLite's and PostgreSQL's bind limits).
+const CHUNK: usize = 400;
+
+/// `n` copies of a row template with `?` markers, numbered `$1, $2, ...` in order.
+pub(crate) fn values_sql(n: usize, row: &str) -> String {
+    let mut out = String::with_capacity(n * (row.len() + 8));
+    let mut k = 0;
+    for i in 0..n {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        for ch in row.chars() {
+            if ch == '?' {
+                k += 1;
+                out.push('$');
+                out.push_str(&k.to_string());
+            } else {
+                out.push(ch);
+            }
+        }
+    }
+    out
 }
 
 /// The payload of a queued job.
@@ -59,51 +94,85 @@ pub async fn insert_submission(db: &Db, sub: &NewSubmission<'_>) -> Result<Recei
     .execute(c)
     .await
     .map(|r| r.rows_affected()))?;
-    for e in sub.errors {
-        on_tx!(&mut tx, c => sqlx::query(
-            "insert into input_errors (batch_id, position, product_id, field, message) values ($1, $2, $3, $4, $5)",
-        )
-        .bind(&batch_id)
-        .bind(e.position.to_string())
-        .bind(e.product_id.as_deref())
-        .bind(&e.field)
-        .bind(&e.message)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))?;
+    for chunk in sub.errors.chunks(CHUNK) {
+        let sql = format!(
+            "insert into input_errors (batch_id, position, product_id, field, message) values {}",
+            values_sql(chunk.len(), "(?, ?, ?, ?, ?)")
+        );
+        on_tx!(&mut tx, c => {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
+            for e in chunk {
+                q = q
+                    .bind(&batch_id)
+                    .bind(e.position.to_string())
+                    .bind(e.product_id.as_deref())
+                    .bind(&e.field)
+                    .bind(&e.message);
+            }
+            q.execute(c).await.map(|r| r.rows_affected())
+        })?;
     }
-    let mut task_ids = Vec::with_capacity(sub.specs.len() * sub.channels.len());
-    for (pos, spec) in sub.specs {
-        let spec_id = new_id();
-        on_tx!(&mut tx, c => sqlx::query(
-            "insert into specs (id, batch_id, product_id, position, body, created_at) values ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&spec_id)
-        .bind(&batch_id)
-        .bind(&spec.id)
-        .bind(pos.to_string())
-        .bind(spec.to_json().to_string())
-        .bind(now)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))?;
-        for channel in sub.channels {
-            let task_id = insert_task(
-                &mut tx,
-                &NewTask {
-                    batch_id: &batch_id,
-                    spec_id: &spec_id,
-                    product_id: &spec.id,
-                    channel,
-                    max_attempts: sub.max_attempts,
-                    feedback: sub.feedback,
-                    parent_draft_id: sub.parent_draft_id,
-                },
-            )
-            .await?;
-            task_ids.push(task_id);
-        }
+    // Specs, tasks and queue jobs go in multi-row inserts: a 10,000-product batch is a few
+    // dozen statements, not tens of thousands.
+    let specs: Vec<(String, &Position, &ProductSpec)> = sub
+        .specs
+        .iter()
+        .map(|(pos, spec)| (new_id(), pos, spec))
+        .collect();
+    for chunk in specs.chunks(CHUNK) {
+        let sql = format!(
+            "insert into specs (id, batch_id, product_id, position, body, created_at) values {}",
+            values_sql(chunk.len(), "(?, ?, ?, ?, ?, ?)")
+        );
+        on_tx!(&mut tx, c => {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
+            for (id, pos, spec) in chunk {
+                q = q
+                    .bind(id)
+                    .bind(&batch_id)
+                    .bind(&spec.id)
+                    .bind(pos.to_string())
+                    .bind(spec.to_json().to_string())
+                    .bind(now);
+            }
+            q.execute(c).await.map(|r| r.rows_affected())
+        })?;
     }
+    let tasks: Vec<(String, &str, &str, &str)> = specs
+        .iter()
+        .flat_map(|(spec_id, _, spec)| {
+            sub.channels
+                .iter()
+                .map(move |ch| (new_id(), spec_id.as_str(), spec.id.as_str(), ch.as_str()))
+        })
+        .collect();
+    for chunk in tasks.chunks(CHUNK) {
+        let sql = format!(
+            "insert into tasks (id, batch_id, spec_id, product_id, channel, status, attempts, max_attempts, feedback, parent_draft_id, created_at, updated_at)
+             values {}",
+            values_sql(chunk.len(), "(?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?)")
+        );
+        on_tx!(&mut tx, c => {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
+            for (id, spec_id, product_id, channel) in chunk {
+                q = q
+                    .bind(id)
+                    .bind(&batch_id)
+                    .bind(*spec_id)
+                    .bind(*product_id)
+                    .bind(*channel)
+                    .bind(sub.max_attempts as i64)
+                    .bind(sub.feedback)
+                    .bind(sub.parent_draft_id)
+                    .bind(now)
+                    .bind(now);
+            }
+            q.execute(c).await.map(|r| r.rows_affected())
+        })?;
+        let ids: Vec<&str> = chunk.iter().map(|t| t.0.as_str()).collect();
+        jobs::enqueue_tasks(&mut tx, jobs::ENRICH_QUEUE, &ids, sub.max_attempts as i64).await?;
+    }
+    let task_ids: Vec<String> = tasks.into_iter().map(|t| t.0).collect();
     tx.commit().await?;
     Ok(Receipt {
         batch_id,

@@ -20,6 +20,67 @@ pub async fn enqueue(
     enqueue_generation(tx, queue, task_id, 0, payload, max_attempts).await
 }
 
+/// Adds the first queue job of each task in `task_ids`, in one statement.
+pub async fn enqueue_tasks(
+    tx: &mut Tx,
+    queue: &str,
+    task_ids: &[&str],
+    max_attempts: i64,
+) -> Result<(), StoreError> {
+    if task_ids.is_empty() {
+        return Ok(());
+    }
+    let now_s = chrono::Utc::now().timestamp();
+    let payloads: Vec<Vec<u8>> = task_ids
+        .iter()
+        .map(|id| {
+            serde_json::to_vec(&super::batches::EnrichJob {
+                task_id: id.to_string(),
+            })
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
+    match tx {
+        Tx::Sqlite(t) => {
+            let sql = format!(
+                "insert into Jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority, metadata, idempotency_key)
+                 values {} on conflict (job_type, idempotency_key) do nothing",
+                super::batches::values_sql(task_ids.len(), "(?, ?, ?, 'Pending', 0, ?, ?, 0, '{}', ?)")
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
+            for (id, payload) in task_ids.iter().zip(&payloads) {
+                q = q
+                    .bind(payload)
+                    .bind(*id)
+                    .bind(queue)
+                    .bind(max_attempts)
+                    .bind(now_s)
+                    .bind(*id);
+            }
+            q.execute(&mut **t).await?;
+        }
+        Tx::Postgres(t) => {
+            let sql = format!(
+                "insert into apalis.jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority, metadata, idempotency_key)
+                 values {} on conflict (job_type, idempotency_key) do nothing",
+                super::batches::values_sql(task_ids.len(), "(?, ?, ?, 'Pending', 0, ?, to_timestamp(?), 0, ''::hstore, ?)")
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
+            for (id, payload) in task_ids.iter().zip(&payloads) {
+                q = q
+                    .bind(payload)
+                    .bind(*id)
+                    .bind(queue)
+                    .bind(max_attempts as i32)
+                    .bind(now_s as f64)
+                    .bind(*id);
+            }
+            q.execute(&mut **t).await?;
+        }
+    }
+    Ok(())
+}
+
 /// The job id of a task's `generation`-th queue job: the task id for the first, a fresh
 /// ULID for later ones (a resumed task gets a new job; the old one is done).
 fn job_id(task_id: &str, generation: i64) -> String {
