@@ -100,8 +100,9 @@ pub async fn run_attempt(
     attempt: i64,
 ) -> Result<(), AttemptError> {
     let db = &deps.db;
-    let (task, spec, budget) = match store::tasks::load_for_attempt(db, task_id).await {
-        Ok(t) => t,
+    let (task, spec, budget) = match store::tasks::begin_attempt(db, task_id, attempt).await {
+        Ok(Some(t)) => t,
+        Ok(None) => return Ok(()), // already finished: a duplicate delivery
         Err(StoreError::NotFound(_)) => {
             return Err(AttemptError::Abort(format!(
                 "task {task_id} does not exist"
@@ -112,9 +113,6 @@ pub async fn run_attempt(
     };
     tracing::Span::current().record("channel", task.channel.as_str());
     tracing::Span::current().record("product_id", task.product_id.as_str());
-    if task.status == "succeeded" || task.status == "failed" {
-        return Ok(()); // already finished: a duplicate delivery
-    }
     let max = task.max_attempts;
     let daily = deps.settings.budget.daily_tokens;
     if budget.is_some() || daily.is_some() {
@@ -133,11 +131,6 @@ pub async fn run_attempt(
                     .await
             }
         }
-    }
-    match store::tasks::start_attempt(db, task_id, attempt).await {
-        Ok(true) => {}
-        Ok(false) => return Ok(()), // finished meanwhile
-        Err(e) => return Err(AttemptError::Retry(e.to_string())),
     }
     let timeout = Duration::from_secs(deps.settings.worker.task_timeout_s.max(1));
     let result = tokio::time::timeout(

@@ -127,52 +127,57 @@ pub async fn insert_for_task(
 ) -> Result<String, StoreError> {
     let id = new_id();
     let now = now_ms();
-    let mut tx = db.begin().await?;
-    let inserted = on_tx!(&mut tx, c => sqlx::query(
-        "insert into drafts (id, task_id, batch_id, spec_id, product_id, channel, status, fields, findings,
-                             provenance, rules_version, attempts, revision, parent_draft_id, created_at, updated_at, tokens)
+    // A trigger marks the task succeeded in the same statement (migration 7).
+    const INSERT: &str = "insert into drafts (id, task_id, batch_id, spec_id, product_id, channel, status, fields, findings,
+                         provenance, rules_version, attempts, revision, parent_draft_id, created_at, updated_at, tokens)
          values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 0, $13, $14, $14, $15)
-         on conflict (task_id) do nothing",
-    )
-    .bind(&id)
-    .bind(&task.id)
-    .bind(&task.batch_id)
-    .bind(&task.spec_id)
-    .bind(&task.product_id)
-    .bind(&task.channel)
-    .bind(d.status.as_str())
-    .bind(to_json(d.fields))
-    .bind(to_json(&d.findings))
-    .bind(d.provenance.to_string())
-    .bind(d.rules_version)
-    .bind(d.attempts)
-    .bind(task.parent_draft_id.as_deref())
-    .bind(now)
-    .bind(d.tokens)
-    .execute(c)
-    .await
-    .map(|r| r.rows_affected()))?;
-    on_tx!(&mut tx, c => sqlx::query(
-        "update tasks set status = 'succeeded', last_error = null, updated_at = $1 where id = $2",
-    )
-    .bind(now)
-    .bind(&task.id)
-    .execute(c)
-    .await
-    .map(|r| r.rows_affected()))?;
-    if let (1, Some((day, provider))) = (inserted, d.day_usage) {
-        on_tx!(&mut tx, c => sqlx::query(
-            "insert into token_usage (day, provider, tokens) values ($1, $2, $3)
-             on conflict (day, provider) do update set tokens = token_usage.tokens + excluded.tokens",
-        )
-        .bind(day)
-        .bind(provider)
-        .bind(d.tokens)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))?;
+         on conflict (task_id) do nothing";
+    macro_rules! insert {
+        ($c:expr) => {
+            sqlx::query(INSERT)
+                .bind(&id)
+                .bind(&task.id)
+                .bind(&task.batch_id)
+                .bind(&task.spec_id)
+                .bind(&task.product_id)
+                .bind(&task.channel)
+                .bind(d.status.as_str())
+                .bind(to_json(d.fields))
+                .bind(to_json(&d.findings))
+                .bind(d.provenance.to_string())
+                .bind(d.rules_version)
+                .bind(d.attempts)
+                .bind(task.parent_draft_id.as_deref())
+                .bind(now)
+                .bind(d.tokens)
+                .execute($c)
+                .await
+                .map(|r| r.rows_affected())
+        };
     }
-    tx.commit().await?;
+    let inserted = match d.day_usage {
+        // the usual case: one statement, no explicit transaction
+        None => on_db!(db, p => insert!(p))?,
+        // under a daily budget the day's usage is counted in the same transaction
+        Some((day, provider)) => {
+            let mut tx = db.begin().await?;
+            let n = on_tx!(&mut tx, c => insert!(&mut *c))?;
+            if n == 1 {
+                on_tx!(&mut tx, c => sqlx::query(
+                    "insert into token_usage (day, provider, tokens) values ($1, $2, $3)
+                     on conflict (day, provider) do update set tokens = token_usage.tokens + excluded.tokens",
+                )
+                .bind(day)
+                .bind(provider)
+                .bind(d.tokens)
+                .execute(c)
+                .await
+                .map(|r| r.rows_affected()))?;
+            }
+            tx.commit().await?;
+            n
+        }
+    };
     if inserted == 1 {
         return Ok(id);
     }

@@ -76,12 +76,14 @@ pub async fn spec_of(db: &Db, spec_id: &str) -> Result<ProductSpec, StoreError> 
     ProductSpec::from_stored(v).map_err(|e| StoreError::Corrupt(format!("spec {spec_id}: {e}")))
 }
 
-/// Everything an attempt needs, in one query: the task, its spec, and its batch's token
-/// budget (when the batch has one).
-pub async fn load_for_attempt(
+/// Starts attempt `attempt` of a task and returns everything it needs, in one statement:
+/// the task (now `running`), its spec, and its batch's token budget. `Ok(None)` when the
+/// task is already finished (a duplicate delivery of its job).
+pub async fn begin_attempt(
     db: &Db,
     id: &str,
-) -> Result<(Task, ProductSpec, Option<i64>), StoreError> {
+    attempt: i64,
+) -> Result<Option<(Task, ProductSpec, Option<i64>)>, StoreError> {
     #[derive(sqlx::FromRow)]
     struct Row {
         #[sqlx(flatten)]
@@ -90,34 +92,26 @@ pub async fn load_for_attempt(
         token_budget: Option<i64>,
     }
     let row: Option<Row> = on_db!(db, p => sqlx::query_as(
-        "select t.*, s.body, b.token_budget from tasks t
-         join specs s on s.id = t.spec_id join batches b on b.id = t.batch_id
-         where t.id = $1",
-    )
-    .bind(id)
-    .fetch_optional(p)
-    .await)?;
-    let row = row.ok_or_else(|| StoreError::NotFound(format!("task {id}")))?;
-    let v: serde_json::Value = super::from_json("spec body", &row.body)?;
-    let spec = ProductSpec::from_stored(v)
-        .map_err(|e| StoreError::Corrupt(format!("spec {}: {e}", row.task.spec_id)))?;
-    Ok((row.task, spec, row.token_budget))
-}
-
-/// Marks the start of an attempt. Returns false when the task is already finished (a
-/// duplicate delivery of the job), in which case the caller must not run it again.
-pub async fn start_attempt(db: &Db, id: &str, attempt: i64) -> Result<bool, StoreError> {
-    let n = on_db!(db, p => sqlx::query(
         "update tasks set status = 'running', attempts = $1, updated_at = $2
-         where id = $3 and status not in ('succeeded', 'failed')",
+         where id = $3 and status not in ('succeeded', 'failed')
+         returning *,
+            (select body from specs where specs.id = tasks.spec_id) as body,
+            (select token_budget from batches where batches.id = tasks.batch_id) as token_budget",
     )
     .bind(attempt)
     .bind(now_ms())
     .bind(id)
-    .execute(p)
-    .await
-    .map(|r| r.rows_affected()))?;
-    Ok(n == 1)
+    .fetch_optional(p)
+    .await)?;
+    let Some(row) = row else {
+        // finished, or not there at all
+        get(db, id).await?;
+        return Ok(None);
+    };
+    let v: serde_json::Value = super::from_json("spec body", &row.body)?;
+    let spec = ProductSpec::from_stored(v)
+        .map_err(|e| StoreError::Corrupt(format!("spec {}: {e}", row.task.spec_id)))?;
+    Ok(Some((row.task, spec, row.token_budget)))
 }
 
 /// Records a failed attempt that will be retried.
