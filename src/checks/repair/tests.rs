@@ -626,8 +626,11 @@ fn fallback_never_copies_injected_spec_text() {
             .all(|x| !x.contains("BUY NOW") && !x.contains("Ignore")),
         "{b:?}"
     );
-    // the title lists attribute values: the injected one is cut out as a segment
-    assert_eq!(r.fields["title"], text("Acme Drives, 2 TB, Black, USB 3.0"));
+    // the title lists attribute values: the instruction-like one is never among them
+    assert_eq!(
+        r.fields["title"],
+        text("Acme Drives, 2 TB, Black, USB 3.0, 180 g")
+    );
     assert_eq!(
         drop_sentence("Acme drive, free shipping on all orders", (12, 25)).as_deref(),
         Some("Acme drive")
