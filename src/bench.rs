@@ -145,7 +145,12 @@ fn bench_settings(base: &Settings, url: &str) -> Settings {
     s
 }
 
-fn spawn_worker(url: &str, base: &Settings, concurrency: usize) -> Result<Child, BenchError> {
+fn spawn_worker(
+    url: &str,
+    base: &Settings,
+    concurrency: usize,
+    batch_size: usize,
+) -> Result<Child, BenchError> {
     let exe = std::env::current_exe().map_err(setup)?;
     Command::new(exe)
         .arg("worker")
@@ -155,10 +160,7 @@ fn spawn_worker(url: &str, base: &Settings, concurrency: usize) -> Result<Child,
         .env("ENRICHER_PATHS__PROMPTS_DIR", &base.paths.prompts_dir)
         .env("ENRICHER_PATHS__MODELS_DIR", &base.paths.models_dir)
         .env("ENRICHER_WORKER__CONCURRENCY", concurrency.to_string())
-        .env(
-            "ENRICHER_WORKER__BATCH_SIZE",
-            concurrency.max(10).to_string(),
-        )
+        .env("ENRICHER_WORKER__BATCH_SIZE", batch_size.max(1).to_string())
         .env("ENRICHER_WORKER__POLL_INTERVAL_MS", "20")
         .env("ENRICHER_LOG__FILTER", "error")
         .stdout(Stdio::null())
@@ -197,6 +199,7 @@ pub async fn queue(
     workers: usize,
     jobs: usize,
     concurrency: usize,
+    batch_size: usize,
     pg_admin: &str,
 ) -> Result<QueueFigure, BenchError> {
     let db = BenchDb::new(backend, pg_admin).await?;
@@ -206,7 +209,7 @@ pub async fn queue(
     let cpu_before = children_cpu();
     let mut children = Vec::new();
     for _ in 0..workers {
-        children.push(spawn_worker(&db.url, &settings, concurrency)?);
+        children.push(spawn_worker(&db.url, &settings, concurrency, batch_size)?);
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let specs = synthetic_specs(jobs);

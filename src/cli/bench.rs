@@ -20,6 +20,9 @@ pub enum BenchCommand {
         /// Tasks in flight per worker process.
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
+        /// Tasks fetched (and acknowledged) per queue round trip.
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
         /// PostgreSQL server for the postgres runs (a database is created and dropped).
         #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
         pg: String,
@@ -69,6 +72,7 @@ pub async fn run(settings: Settings, cmd: BenchCommand) -> anyhow::Result<ExitCo
             workers,
             jobs,
             concurrency,
+            batch_size,
             pg,
         } => {
             println!(
@@ -77,7 +81,8 @@ pub async fn run(settings: Settings, cmd: BenchCommand) -> anyhow::Result<ExitCo
             println!("| --- | --- | --- | --- | --- | --- |");
             for b in &backend {
                 for &w in &workers {
-                    let f = bench::queue(&settings, b, w, jobs, concurrency, &pg).await?;
+                    let f =
+                        bench::queue(&settings, b, w, jobs, concurrency, batch_size, &pg).await?;
                     println!(
                         "| {} | {} | {} | {:.2} | {:.0} | {:.3} |",
                         f.backend,

@@ -138,12 +138,13 @@ impl Db {
             Db::Sqlite(pool) => {
                 // apalis-sqlite records its migrations in the same `_sqlx_migrations` table:
                 // each migrator must ignore the other's versions.
-                let mut ours = sqlx::migrate!("./migrations/sqlite");
-                ours.set_ignore_missing(true);
-                ours.run(pool).await?;
+                // the queue's tables first: one of our migrations adds a trigger to them
                 let mut queue = apalis_sqlite::SqliteStorage::<()>::migrations();
                 queue.set_ignore_missing(true);
                 queue.run(pool).await?;
+                let mut ours = sqlx::migrate!("./migrations/sqlite");
+                ours.set_ignore_missing(true);
+                ours.run(pool).await?;
             }
             Db::Postgres(pool) => {
                 let mut ours = sqlx::migrate!("./migrations/postgres");
