@@ -369,6 +369,7 @@ pub async fn remote(
         structured_output: true,
         sampling: None,
         threads: 0,
+        prefix_cache: true,
         simulated_latency_ms: 0,
         rate_limit: Default::default(),
     };
@@ -506,6 +507,8 @@ pub async fn local(
     if let Some(m) = model {
         ps.model = m.to_string();
     }
+    // every run repeats the same prompt: with the prefix cache on it would be prefilled once
+    ps.prefix_cache = false;
     let provider = crate::llm::local::LocalProvider::load("bench", &ps, &base.paths.models_dir)
         .await
         .map_err(setup)?;

@@ -212,6 +212,11 @@ pub struct ProviderSettings {
     /// Local: CPU threads for inference (0 = candle's default, one per physical core).
     #[serde(default)]
     pub threads: usize,
+    /// Local: reuse the KV cache of prompt prefixes shared between requests (the system
+    /// prompt and channel instructions), so only the spec part of a prompt is prefilled.
+    /// Decided by the first provider that loads a model file.
+    #[serde(default = "default_true")]
+    pub prefix_cache: bool,
     /// Stub only: pretend each generation takes this long (benchmarks, fault tests).
     #[serde(default)]
     pub simulated_latency_ms: u64,
@@ -331,6 +336,7 @@ impl Default for Settings {
                 structured_output: true,
                 sampling: None,
                 threads: 0,
+                prefix_cache: true,
                 simulated_latency_ms: 0,
                 rate_limit: RateLimit::default(),
             },
@@ -348,6 +354,7 @@ impl Default for Settings {
                 structured_output: true,
                 sampling: None,
                 threads: 0,
+                prefix_cache: true,
                 simulated_latency_ms: 0,
                 rate_limit: RateLimit::default(),
             },
@@ -365,6 +372,7 @@ impl Default for Settings {
                 structured_output: true,
                 sampling: None,
                 threads: 0,
+                prefix_cache: true,
                 simulated_latency_ms: 0,
                 rate_limit: RateLimit::default(),
             },

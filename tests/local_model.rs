@@ -519,3 +519,65 @@ fn plain_candle_loop(
     }
     (prefill, t1.elapsed(), n)
 }
+
+/// The first `n` real products of the WDC dev set, rendered with a channel's prompt.
+fn real_prompts(channel: &str, n: usize) -> Vec<GenerateRequest> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let data = root.join("../shared/data/products/wdc-pave-dev.jsonl");
+    let bytes = std::fs::read(&data).unwrap_or_else(|e| panic!("{}: {e}", data.display()));
+    let channels = enricher::channel::Channels::load(&root.join("prompts")).unwrap();
+    let prompts = enricher::prompt::Prompts::load(&root.join("prompts")).unwrap();
+    let ch = channels.get(channel).unwrap();
+    enricher::spec::parse_submission(&bytes, &Default::default())
+        .into_iter()
+        .filter_map(|(_, r)| r.ok())
+        .take(n)
+        .map(|spec| {
+            let p = prompts.render(ch, &spec, &Default::default()).unwrap();
+            GenerateRequest {
+                system: p.system,
+                user: p.user,
+                sampling: greedy(20),
+                schema: None,
+                allowed_numbers: None,
+            }
+        })
+        .collect()
+}
+
+/// Prompts that share the channel's instructions reuse their KV cache, and the answers are
+/// the same tokens as without the cache (greedy).
+#[tokio::test]
+async fn prefix_cache_gives_the_same_tokens() {
+    use enricher::llm::local::runner::Generate;
+    let _cpu = CPU.write().await;
+    let p = provider().await;
+    let tok = Arc::new(p.tokenizer().clone());
+    let model = baseline_model();
+    let mut cached = Engine::new(model.clone(), tok.clone(), p.chat_template(), 4096);
+    let mut plain = Engine::new(model, tok, p.chat_template(), 4096);
+    plain.set_prefix_cache(false);
+    let never = || false;
+    let reqs: Vec<_> = real_prompts("seo", 3)
+        .into_iter()
+        .chain(real_prompts("amazon", 1))
+        .collect();
+    let mut reused = Vec::new();
+    for (i, req) in reqs.iter().enumerate() {
+        let (a, ta) = cached.generate(req, &never).unwrap();
+        let (b, tb) = plain.generate(req, &never).unwrap();
+        assert_eq!(a.text, b.text, "prompt {i}");
+        assert_eq!(a.completion_tokens, b.completion_tokens, "prompt {i}");
+        assert_eq!(tb.cached_prompt_tokens, 0);
+        reused.push(ta.cached_prompt_tokens);
+    }
+    // seo: the first is plain, the second learns the shared prefix, the third reuses it;
+    // amazon: another system prompt, so no snapshot fits and nothing is shared yet.
+    assert_eq!(reused[0], 0);
+    assert_eq!(reused[1], 0);
+    assert!(reused[2] >= 64, "{reused:?}");
+    assert_eq!(reused[3], 0);
+    assert_eq!(cached.prefix_snapshots(), 1);
+    assert_eq!(plain.prefix_snapshots(), 0);
+    println!("prompt tokens from a snapshot: {reused:?}");
+}

@@ -23,6 +23,7 @@
 //! takes 0.5-1.5 ms per token in a debug build of this crate (opt-level 0), 0.1 ms optimised.
 
 pub mod chat;
+pub mod prefix;
 pub mod runner;
 pub mod sampler;
 pub mod tokenizer;
@@ -101,7 +102,7 @@ impl LocalProvider {
                 loaded: m,
             });
         }
-        let m = Arc::new(load_model(file).await?);
+        let m = Arc::new(load_model(file, s.prefix_cache).await?);
         loaded.retain(|_, w| w.strong_count() > 0);
         loaded.insert(key, Arc::downgrade(&m));
         tracing::info!(
@@ -204,7 +205,7 @@ fn check_threads(threads: usize) {
 }
 
 /// Hashes and loads the model file (two blocking tasks, side by side), then starts its runner.
-async fn load_model(file: models::ModelFile) -> Result<LoadedModel, LlmError> {
+async fn load_model(file: models::ModelFile, prefix_cache: bool) -> Result<LoadedModel, LlmError> {
     let t0 = Instant::now();
     let template = ChatTemplate::from_name(&file.entry.chat_template)?;
     let hash = {
@@ -230,7 +231,8 @@ async fn load_model(file: models::ModelFile) -> Result<LoadedModel, LlmError> {
             file.entry.name
         )));
     }
-    let (engine, tokenizer, context_len) = build.map_err(join_err)??;
+    let (mut engine, tokenizer, context_len) = build.map_err(join_err)??;
+    engine.set_prefix_cache(prefix_cache);
     let runner = Runner::spawn(engine, &format!("model-{}", file.entry.name))?;
     Ok(LoadedModel {
         runner,

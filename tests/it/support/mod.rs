@@ -183,6 +183,7 @@ pub fn remote_provider(base_url: &str) -> ProviderSettings {
         structured_output: true,
         sampling: None,
         threads: 0,
+        prefix_cache: true,
         simulated_latency_ms: 0,
         rate_limit: Default::default(),
     }
