@@ -23,6 +23,7 @@
 //! takes 0.5-1.5 ms per token in a debug build of this crate (opt-level 0), 0.1 ms optimised.
 
 pub mod chat;
+pub mod constraint;
 pub mod runner;
 pub mod sampler;
 pub mod tokenizer;
