@@ -49,6 +49,9 @@ use crate::llm::{FieldKind, OutputSchema};
 pub const DEFAULT_MAX_CHARS: usize = 300;
 
 const NONE: u32 = u32::MAX;
+/// `Str::pending` after a number that ended at a `.`/`,` that cannot continue it: a digit
+/// right after would join it into a longer (not allowed) number.
+const DEAD: u32 = u32::MAX - 1;
 /// Length marker of a token that is not plain (never below any limit).
 const NOT_PLAIN: u16 = u16::MAX;
 
@@ -258,7 +261,7 @@ struct Str {
     /// The number being written (a trie node; `NONE` when not in a number).
     run: u32,
     /// The node after a `.`/`,` that directly follows `run` (it continues the number if a
-    /// digit comes next).
+    /// digit comes next), or [`DEAD`].
     pending: u32,
 }
 
@@ -571,6 +574,9 @@ impl JsonConstraint {
                     return None;
                 }
                 if b.is_ascii_digit() {
+                    if s.pending == DEAD {
+                        return None;
+                    }
                     let from = if s.pending != NONE {
                         s.pending
                     } else if s.run != NONE {
@@ -590,6 +596,7 @@ impl JsonConstraint {
                         s.pending = node;
                     } else if self.numbers.terminal(s.run) {
                         s.run = NONE;
+                        s.pending = DEAD;
                     } else {
                         return None;
                     }

@@ -300,6 +300,12 @@ fn digits_only_copy_allowed_numbers() {
     assert!(ok("1000 pages").is_err());
     assert!(ok("1,0001").is_err());
     assert!(ok("A2000").is_ok());
+    // a separator between two allowed numbers joins them into one that is not
+    let two: &[&str] = &["10", "9", "8"];
+    assert!(accepts(&seo(), Some(two), &seo_json("10.9.8 GHz")).is_err());
+    assert!(accepts(&seo(), Some(two), &seo_json("10,9")).is_err());
+    assert!(accepts(&seo(), Some(two), &seo_json("10, 9 and 8.")).is_ok());
+    assert!(accepts(&seo(), Some(two), &seo_json("10..9")).is_ok());
     assert!(ok("X1").is_err());
     // `2` and `2.0` both allowed: a sentence may end after `2`
     let both: &[&str] = &["2", "2.0"];
@@ -406,8 +412,20 @@ fn check_output(schema: &OutputSchema, allowed: Option<&[String]>, out: &[u8]) {
     }
 }
 
-fn walk(schema: &OutputSchema, allowed: Option<&[String]>, max_new: usize, seed: u64) {
+fn walk(
+    schema: &OutputSchema,
+    allowed: Option<&[String]>,
+    max_new: usize,
+    seed: u64,
+    numeric_bias: f64,
+) {
     let mut c = JsonConstraint::new(schema, allowed, tokenizer(), max_new);
+    let numeric_ids: std::collections::HashSet<u32> = (0..tokenizer().vocab_size() as u32)
+        .filter(|&i| {
+            let b = tokenizer().token_bytes(i).unwrap_or_default();
+            matches!(b[..], [c] if c.is_ascii_digit() || c == b'.' || c == b',')
+        })
+        .collect();
     let special: std::collections::HashSet<u32> =
         tokenizer().token_table().special.iter().copied().collect();
     let mut rng = StdRng::seed_from_u64(seed);
@@ -425,7 +443,15 @@ fn walk(schema: &OutputSchema, allowed: Option<&[String]>, max_new: usize, seed:
             .copied()
             .filter(|i| special.contains(i))
             .collect();
-        let pool = if !interesting.is_empty() && rng.gen_bool(0.5) {
+        // and often a digit or a separator, to write (and join) numbers
+        let numeric: Vec<u32> = allowed_ids
+            .iter()
+            .copied()
+            .filter(|i| numeric_ids.contains(i))
+            .collect();
+        let pool = if !numeric.is_empty() && rng.gen_bool(numeric_bias) {
+            &numeric
+        } else if !interesting.is_empty() && rng.gen_bool(0.5) {
             &interesting
         } else {
             &allowed_ids
@@ -456,7 +482,16 @@ proptest! {
         let schema = if amazon_channel { amazon() } else { seo() };
         let c = JsonConstraint::new(&schema, numbers.as_deref(), tokenizer(), 0);
         let max_new = c.cost(&c.state) as usize + extra;
-        walk(&schema, numbers.as_deref(), max_new, seed);
+        walk(&schema, numbers.as_deref(), max_new, seed, 0.3);
+    }
+}
+
+/// Walks that write numbers most of the time: they try every way of joining and ending them.
+#[test]
+fn number_heavy_walks_write_only_allowed_numbers() {
+    let allowed = nums(&["1", "2", "10", "2.5", "1,000"]);
+    for seed in 0..12 {
+        walk(&seo(), Some(&allowed), 100, seed, 0.9);
     }
 }
 
