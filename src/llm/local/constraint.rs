@@ -96,9 +96,8 @@ impl TokenTable {
             let b = tok.token_bytes(id).unwrap_or_default();
             let plain = std::str::from_utf8(&b).ok().filter(|s| {
                 !s.is_empty()
-                    && s.chars().all(|c| {
-                        c != '"' && c != '\\' && !c.is_control() && !is_unicode_digit(c)
-                    })
+                    && s.chars()
+                        .all(|c| c != '"' && c != '\\' && !c.is_control() && !is_unicode_digit(c))
             });
             match plain {
                 Some(s) => {
@@ -330,12 +329,7 @@ impl JsonConstraint {
         tokenizer: &GgufTokenizer,
         max_new: usize,
     ) -> Self {
-        Self::with_table(
-            schema,
-            allowed_numbers,
-            tokenizer.token_table(),
-            max_new,
-        )
+        Self::with_table(schema, allowed_numbers, tokenizer.token_table(), max_new)
     }
 
     pub fn with_table(
@@ -548,8 +542,7 @@ impl JsonConstraint {
                     s.hi = 0xBF;
                     if s.need == 0 {
                         let c = char::from_u32(s.cp)?;
-                        if c.is_control() || is_unicode_digit(c) || (s.empty && c.is_whitespace())
-                        {
+                        if c.is_control() || is_unicode_digit(c) || (s.empty && c.is_whitespace()) {
                             return None;
                         }
                         s.empty = false;
@@ -751,7 +744,10 @@ impl LogitsConstraint for JsonConstraint {
             return if self.state.pos == Pos::Done {
                 Ok(())
             } else {
-                Err(format!("end of turn before the object is complete ({:?})", self.state.pos))
+                Err(format!(
+                    "end of turn before the object is complete ({:?})",
+                    self.state.pos
+                ))
             };
         }
         let bytes = self.table.bytes(token);

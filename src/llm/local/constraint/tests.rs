@@ -159,7 +159,11 @@ fn tokens_spanning_structure_and_content_are_accepted() {
             b.contains(&b'"') && b.len() > 1
         })
         .count();
-    assert!(spanning >= 2, "{:?}", ids.iter().map(|&i| show(i)).collect::<Vec<_>>());
+    assert!(
+        spanning >= 2,
+        "{:?}",
+        ids.iter().map(|&i| show(i)).collect::<Vec<_>>()
+    );
     feed(&mut constraint(&seo(), None, 200), &ids).unwrap();
     // `":"` is one token in this vocabulary, and allowed right after the key
     let colon = tokenizer().token_id("\":\"").expect("\":\" is a token");
@@ -200,7 +204,9 @@ fn max_chars_is_enforced() {
 #[test]
 fn a_list_has_its_number_of_items() {
     let obj = |n: usize| {
-        let items: Vec<String> = (0..n).map(|i| format!("\"Point {}\"", "x".repeat(i + 1))).collect();
+        let items: Vec<String> = (0..n)
+            .map(|i| format!("\"Point {}\"", "x".repeat(i + 1)))
+            .collect();
         format!(r#"{{"title":"T","bullets":[{}]}}"#, items.join(","))
     };
     assert!(accepts(&amazon(), None, &obj(5)).is_ok());
@@ -230,7 +236,14 @@ fn strings_are_clean_utf8_and_not_blank() {
     for good in ["Größe – 日本語 😀", "¡Olé!", "a  b", "x."] {
         assert!(accepts(&seo(), None, &seo_json(good)).is_ok(), "{good}");
     }
-    for bad in [" leading", "", "back\\slash", "new\nline", "tab\there", "\u{a0}nbsp"] {
+    for bad in [
+        " leading",
+        "",
+        "back\\slash",
+        "new\nline",
+        "tab\there",
+        "\u{a0}nbsp",
+    ] {
         let j = seo_json(&bad.replace('\n', "\\n").replace('\t', "\\t"));
         // the JSON escapes above are refused too (no backslash at all)
         assert!(accepts(&seo(), None, &j).is_err(), "{bad:?}");
@@ -247,7 +260,10 @@ fn strings_are_clean_utf8_and_not_blank() {
     let e_acute = "é".as_bytes();
     feed(&mut c, &[byte_token(e_acute[0])]).unwrap();
     let allowed = mask(&mut c);
-    assert!(!allowed[byte_token(b'"') as usize], "quote inside a character");
+    assert!(
+        !allowed[byte_token(b'"') as usize],
+        "quote inside a character"
+    );
     assert!(!allowed[byte_token(b'a') as usize]);
     assert!(allowed[byte_token(e_acute[1]) as usize]);
     // overlong and surrogate encodings are not UTF-8
@@ -436,7 +452,11 @@ fn walk(
             let m = mask(&mut c);
             (0..m.len() as u32).filter(|&i| m[i as usize]).collect()
         };
-        assert!(!allowed_ids.is_empty(), "stuck after {:?}", String::from_utf8_lossy(&out));
+        assert!(
+            !allowed_ids.is_empty(),
+            "stuck after {:?}",
+            String::from_utf8_lossy(&out)
+        );
         // half the time a token that is not plain text (quotes, digits, partial UTF-8)
         let interesting: Vec<u32> = allowed_ids
             .iter()
