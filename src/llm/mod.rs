@@ -117,7 +117,8 @@ pub struct GenerateRequest {
     /// When set, the answer must be one JSON object of this shape.
     pub schema: Option<OutputSchema>,
     /// Numbers (as written in the spec) that the output may contain. The local provider uses
-    /// them for grounded decoding; `None` means unconstrained.
+    /// them for grounded decoding of the schema's strings (so only together with `schema`);
+    /// `None` means unconstrained.
     pub allowed_numbers: Option<Vec<String>>,
 }
 

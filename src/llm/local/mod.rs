@@ -4,7 +4,9 @@
 //! the GGUF file once, builds the weights (`quantized_llama`), the tokenizer from the file's
 //! own vocabulary ([`tokenizer`]), and hashes the file for provenance. The model then lives
 //! on a dedicated runner thread ([`runner`]) that serves one generation at a time; the async
-//! side only sends requests and awaits answers.
+//! side only sends requests and awaits answers. A request with a schema is decoded under a
+//! [`constraint::JsonConstraint`]: the answer is one JSON object of that schema, and with
+//! `allowed_numbers` its strings hold no other numbers.
 //!
 //! A model is loaded once per process: providers that name the same model file share one
 //! loaded model (and so one runner thread) for as long as any of them is alive.
@@ -23,6 +25,7 @@
 //! takes 0.5-1.5 ms per token in a debug build of this crate (opt-level 0), 0.1 ms optimised.
 
 pub mod chat;
+pub mod constraint;
 pub mod prefix;
 pub mod runner;
 pub mod sampler;

@@ -34,7 +34,10 @@ struct Snapshot {
 /// What [`PrefixCache::plan`] says to do for a prompt.
 pub enum Plan {
     /// Restore this model (its KV cache holds the first `len` prompt tokens) and prefill the rest.
-    Restore { model: Box<ModelWeights>, len: usize },
+    Restore {
+        model: Box<ModelWeights>,
+        len: usize,
+    },
     /// Prefill the first `len` tokens from scratch, [`PrefixCache::store`] a snapshot, then
     /// prefill the rest.
     Learn { len: usize },

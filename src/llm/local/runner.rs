@@ -14,7 +14,8 @@
 //!
 //! Where later work slots in:
 //! - Constrained decoding: [`constraint_for`] builds a [`LogitsConstraint`] from the
-//!   request (schema, allowed numbers); the loop already masks and advances it every step.
+//!   request (schema, allowed numbers: [`JsonConstraint`]); the loop masks and advances it
+//!   every step.
 //! - Prompt-prefix reuse ([`super::prefix`]): the prompt is prefilled from the longest
 //!   snapshot of the model taken after a shared prefix (system prompt + channel
 //!   instructions), so only the spec part is prefilled for each product.
@@ -34,6 +35,7 @@ use tokio::sync::oneshot;
 
 use super::{
     chat::ChatTemplate,
+    constraint::JsonConstraint,
     prefix::{Plan, PrefixCache},
     sampler::{LogitsConstraint, Sampler},
     tokenizer::GgufTokenizer,
@@ -175,14 +177,21 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// The constraint a request asks for. None yet: JSON-schema decoding (`req.schema`) and
-/// grounded numbers (`req.allowed_numbers`) plug in here; until then the pipeline extracts
-/// and checks the JSON from free text.
+/// The constraint a request asks for: with a schema, a [`JsonConstraint`] (only one
+/// compact JSON object of that shape, complete within `max_new` tokens; with
+/// `allowed_numbers`, only those numbers inside its strings). Without a schema, none.
 pub fn constraint_for(
-    _req: &GenerateRequest,
-    _tokenizer: &GgufTokenizer,
+    req: &GenerateRequest,
+    tokenizer: &GgufTokenizer,
+    max_new: usize,
 ) -> Option<Box<dyn LogitsConstraint>> {
-    None
+    let schema = req.schema.as_ref()?;
+    Some(Box::new(JsonConstraint::new(
+        schema,
+        req.allowed_numbers.as_deref(),
+        tokenizer,
+        max_new,
+    )))
 }
 
 /// The candle model with its tokenizer and template: the real [`Generate`].
@@ -363,7 +372,7 @@ impl Generate for Engine {
                 "the context length caps this completion"
             );
         }
-        let mut constraint = constraint_for(req, &self.tokenizer);
+        let mut constraint = constraint_for(req, &self.tokenizer, max_new);
         timings.tokenize = t0.elapsed();
         let generation = |text: String, completion: usize, finish: &str| Generation {
             text,

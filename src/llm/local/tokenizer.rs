@@ -27,6 +27,7 @@ use tokenizers::{
     AddedToken, Tokenizer,
 };
 
+use super::constraint::TokenTable;
 use crate::llm::LlmError;
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
@@ -96,6 +97,8 @@ pub struct GgufTokenizer {
     eos_id: Option<u32>,
     /// Byte-level alphabet: char -> byte (the inverse of GPT-2's `bytes_to_unicode`).
     char_to_byte: std::collections::HashMap<char, u8>,
+    /// Per-token facts for constrained decoding, built on first use.
+    token_table: std::sync::OnceLock<std::sync::Arc<TokenTable>>,
 }
 
 impl std::fmt::Debug for GgufTokenizer {
@@ -318,6 +321,7 @@ impl GgufTokenizer {
                 .into_iter()
                 .map(|(b, c)| (c, b))
                 .collect(),
+            token_table: std::sync::OnceLock::new(),
         })
     }
 
@@ -388,6 +392,13 @@ impl GgufTokenizer {
     /// Number of ids (the model's vocabulary size).
     pub fn vocab_size(&self) -> usize {
         self.tokens.len()
+    }
+
+    /// What constrained decoding needs to know about each token (built once, then shared).
+    pub fn token_table(&self) -> std::sync::Arc<TokenTable> {
+        self.token_table
+            .get_or_init(|| std::sync::Arc::new(TokenTable::new(self)))
+            .clone()
     }
 }
 
