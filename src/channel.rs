@@ -114,6 +114,10 @@ impl Channel {
                                 }
                             }
                         },
+                        min_chars: r.and_then(|r| match f.kind {
+                            FieldDefKind::Text => r.min_chars,
+                            FieldDefKind::List => r.item_min_chars,
+                        }),
                     }
                 })
                 .collect(),

@@ -62,6 +62,10 @@ pub struct OutputSchema {
 pub struct SchemaField {
     pub name: String,
     pub kind: FieldKind,
+    /// The fewest characters of the text (or of each item of a list). The local provider's
+    /// constraint keeps a string open until it has them, while the token budget allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_chars: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -391,6 +395,7 @@ mod tests {
                     kind: FieldKind::Text {
                         max_chars: Some(200),
                     },
+                    min_chars: None,
                 },
                 SchemaField {
                     name: "bullets".into(),
@@ -399,6 +404,7 @@ mod tests {
                         max_items: 5,
                         item_max_chars: Some(255),
                     },
+                    min_chars: None,
                 },
             ],
         };

@@ -301,6 +301,8 @@ struct Field {
     min_items: u32,
     max_items: u32,
     max_chars: u32,
+    /// Characters a string needs before it may close (while the budget allows).
+    min_chars: u32,
     /// Index in `lits` of what follows the value (`,"next":"`, `,"next":["` or `}`).
     tail: u16,
     /// Shortest text from after the value to the end (the tail, the next fields' minimal
@@ -320,6 +322,9 @@ pub struct JsonConstraint {
     state: State,
     max_new: usize,
     steps: usize,
+    /// While masking: a string may not close before its `min_chars` (off when nothing
+    /// else would be allowed, so the budget always wins).
+    strict_min: std::cell::Cell<bool>,
 }
 
 impl std::fmt::Debug for JsonConstraint {
@@ -386,6 +391,10 @@ impl JsonConstraint {
                 min_items,
                 max_items,
                 max_chars,
+                min_chars: f
+                    .min_chars
+                    .map_or(0, |m| u32::try_from(m).unwrap_or(u32::MAX))
+                    .min(max_chars),
                 tail: (lits.len() - 1) as u16,
                 tail_cost: 0,
             });
@@ -399,6 +408,7 @@ impl JsonConstraint {
             },
             fields,
             lits,
+            strict_min: std::cell::Cell::new(false),
             state: State {
                 pos: Pos::Lit {
                     lit: 0,
@@ -562,7 +572,11 @@ impl JsonConstraint {
                     return Some(st);
                 }
                 if b == b'"' {
-                    if s.empty || !self.run_may_end(s) {
+                    if s.empty
+                        || !self.run_may_end(s)
+                        || (self.strict_min.get()
+                            && s.chars < self.fields[field as usize].min_chars)
+                    {
                         return None;
                     }
                     st.pos = if self.fields[field as usize].list {
@@ -695,6 +709,24 @@ impl JsonConstraint {
 
 impl LogitsConstraint for JsonConstraint {
     fn mask(&mut self, allowed: &mut [bool]) {
+        // First with the strings' minimum lengths; without them when that leaves nothing
+        // (the token budget needs the string closed now).
+        self.strict_min.set(true);
+        self.mask_with_limits(allowed);
+        if !allowed.iter().any(|&a| a) {
+            self.strict_min.set(false);
+            self.mask_with_limits(allowed);
+        }
+        self.strict_min.set(false);
+    }
+
+    fn advance(&mut self, token: u32) -> Result<(), String> {
+        self.advance_token(token)
+    }
+}
+
+impl JsonConstraint {
+    fn mask_with_limits(&self, allowed: &mut [bool]) {
         let t = self.table.clone();
         let bound = self.bound();
         let st = self.state;
@@ -750,7 +782,7 @@ impl LogitsConstraint for JsonConstraint {
         }
     }
 
-    fn advance(&mut self, token: u32) -> Result<(), String> {
+    fn advance_token(&mut self, token: u32) -> Result<(), String> {
         self.steps += 1;
         if self.table.end_of_turn.contains(&token) {
             return if self.state.pos == Pos::Done {

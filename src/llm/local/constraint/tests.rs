@@ -30,6 +30,7 @@ fn text(name: &str, max_chars: Option<usize>) -> SchemaField {
     SchemaField {
         name: name.into(),
         kind: FieldKind::Text { max_chars },
+        min_chars: None,
     }
 }
 
@@ -52,6 +53,7 @@ fn amazon() -> OutputSchema {
                     max_items: 5,
                     item_max_chars: Some(255),
                 },
+                min_chars: None,
             },
         ],
     }
@@ -222,6 +224,7 @@ fn a_list_has_its_number_of_items() {
                 max_items: 3,
                 item_max_chars: Some(5),
             },
+            min_chars: None,
         }],
     };
     assert!(accepts(&ranged, None, r#"{"l":["a"]}"#).is_ok());
@@ -565,4 +568,31 @@ mod bench {
             println!("{name}: {:?} per mask ({ok} allowed)", t.elapsed() / n);
         }
     }
+}
+
+#[test]
+fn strings_stay_open_until_their_minimum_unless_the_budget_says_close() {
+    let with_min = |min: usize| OutputSchema {
+        name: "m".into(),
+        fields: vec![SchemaField {
+            min_chars: Some(min),
+            ..text("title", Some(60))
+        }],
+    };
+    let schema = with_min(10);
+    assert!(accepts(&schema, None, r#"{"title":"Short"}"#).is_err());
+    assert!(accepts(&schema, None, r#"{"title":"Long enough"}"#).is_ok());
+    // never more than the maximum, whatever the minimum says
+    assert!(accepts(
+        &with_min(500),
+        None,
+        &format!(r#"{{"title":"{}"}}"#, "a".repeat(60))
+    )
+    .is_ok());
+    // a tight budget closes the string before its minimum: the JSON stays complete
+    let mut c = constraint(&schema, None, 15);
+    feed_bytes(&mut c, r#"{"title":"Sho"#).expect("within the budget");
+    let allowed = mask(&mut c);
+    assert!(allowed[byte_token(b'"') as usize]);
+    assert!(!allowed[byte_token(b'x') as usize]);
 }
