@@ -103,7 +103,7 @@ pub async fn run(settings: Settings, args: DemoArgs) -> anyhow::Result<ExitCode>
         eprintln!("refused: {e}");
     }
     let t_run = Instant::now();
-    let status = super::submit::follow(&app, &report.batch_id, true).await?;
+    let status = super::submit::follow(&app, &report.batch_id, true, false).await?;
     let run_time = t_run.elapsed();
     println!();
     super::submit::print_status(&app, &status, true).await?;

@@ -108,7 +108,7 @@ pub async fn submit(settings: Settings, args: SubmitArgs) -> anyhow::Result<Exit
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let status = follow(&app, &report.batch_id, !args.json).await?;
+    let status = follow(&app, &report.batch_id, !args.json, true).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
@@ -117,12 +117,22 @@ pub async fn submit(settings: Settings, args: SubmitArgs) -> anyhow::Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
-/// Waits for a batch to finish, with a progress bar. When no worker is running anywhere,
-/// runs workers in this process meanwhile.
-pub async fn follow(app: &App, batch_id: &str, bar: bool) -> anyhow::Result<BatchStatus> {
-    let live = jobs::live_workers(&app.db, jobs::ENRICH_QUEUE, 60)
-        .await
-        .unwrap_or(0);
+/// Waits for a batch to finish, with a progress bar. When `may_work` and no worker is
+/// running anywhere, runs workers in this process meanwhile (a caller that has just started
+/// its own workers passes false: they may not have registered yet).
+pub async fn follow(
+    app: &App,
+    batch_id: &str,
+    bar: bool,
+    may_work: bool,
+) -> anyhow::Result<BatchStatus> {
+    let live = if may_work {
+        jobs::live_workers(&app.db, jobs::ENRICH_QUEUE, 60)
+            .await
+            .unwrap_or(0)
+    } else {
+        1
+    };
     let local = if live == 0 {
         eprintln!("no worker is running; processing in this process (start `enricher serve` or `enricher worker` to share the work)");
         let pipeline = app
