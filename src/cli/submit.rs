@@ -126,14 +126,12 @@ pub async fn follow(
     bar: bool,
     may_work: bool,
 ) -> anyhow::Result<BatchStatus> {
-    let live = if may_work {
-        jobs::live_workers(&app.db, jobs::ENRICH_QUEUE, 60)
+    let work_here = may_work
+        && jobs::live_workers(&app.db, jobs::ENRICH_QUEUE, 60)
             .await
             .unwrap_or(0)
-    } else {
-        1
-    };
-    let local = if live == 0 {
+            == 0;
+    let local = if work_here {
         eprintln!("no worker is running; processing in this process (start `enricher serve` or `enricher worker` to share the work)");
         let pipeline = app
             .pipeline()

@@ -27,35 +27,57 @@ pub async fn enqueue_tasks(
     task_ids: &[&str],
     max_attempts: i64,
 ) -> Result<(), StoreError> {
-    if task_ids.is_empty() {
+    let jobs: Vec<NewJob> = task_ids
+        .iter()
+        .map(|id| {
+            let payload = serde_json::to_vec(&super::batches::EnrichJob {
+                task_id: id.to_string(),
+            })
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            Ok(NewJob {
+                id: id.to_string(),
+                key: id.to_string(),
+                payload,
+            })
+        })
+        .collect::<Result<_, StoreError>>()?;
+    insert_jobs(tx, queue, &jobs, max_attempts).await
+}
+
+/// One row of apalis's jobs table: id, idempotency key, payload.
+struct NewJob {
+    id: String,
+    key: String,
+    payload: Vec<u8>,
+}
+
+/// Inserts pending jobs in one statement; a job whose idempotency key exists is skipped.
+async fn insert_jobs(
+    tx: &mut Tx,
+    queue: &str,
+    jobs: &[NewJob],
+    max_attempts: i64,
+) -> Result<(), StoreError> {
+    if jobs.is_empty() {
         return Ok(());
     }
     let now_s = chrono::Utc::now().timestamp();
-    let payloads: Vec<Vec<u8>> = task_ids
-        .iter()
-        .map(|id| {
-            serde_json::to_vec(&super::batches::EnrichJob {
-                task_id: id.to_string(),
-            })
-            .map_err(|e| StoreError::Corrupt(e.to_string()))
-        })
-        .collect::<Result<_, _>>()?;
     match tx {
         Tx::Sqlite(t) => {
             let sql = format!(
                 "insert into Jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority, metadata, idempotency_key)
                  values {} on conflict (job_type, idempotency_key) do nothing",
-                super::batches::values_sql(task_ids.len(), "(?, ?, ?, 'Pending', 0, ?, ?, 0, '{}', ?)")
+                super::batches::values_sql(jobs.len(), "(?, ?, ?, 'Pending', 0, ?, ?, 0, '{}', ?)")
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
-            for (id, payload) in task_ids.iter().zip(&payloads) {
+            for j in jobs {
                 q = q
-                    .bind(payload)
-                    .bind(*id)
+                    .bind(&j.payload)
+                    .bind(&j.id)
                     .bind(queue)
                     .bind(max_attempts)
                     .bind(now_s)
-                    .bind(*id);
+                    .bind(&j.key);
             }
             q.execute(&mut **t).await?;
         }
@@ -63,17 +85,17 @@ pub async fn enqueue_tasks(
             let sql = format!(
                 "insert into apalis.jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority, metadata, idempotency_key)
                  values {} on conflict (job_type, idempotency_key) do nothing",
-                super::batches::values_sql(task_ids.len(), "(?, ?, ?, 'Pending', 0, ?, to_timestamp(?), 0, ''::hstore, ?)")
+                super::batches::values_sql(jobs.len(), "(?, ?, ?, 'Pending', 0, ?, to_timestamp(?), 0, ''::hstore, ?)")
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()));
-            for (id, payload) in task_ids.iter().zip(&payloads) {
+            for j in jobs {
                 q = q
-                    .bind(payload)
-                    .bind(*id)
+                    .bind(&j.payload)
+                    .bind(&j.id)
                     .bind(queue)
                     .bind(max_attempts as i32)
                     .bind(now_s as f64)
-                    .bind(*id);
+                    .bind(&j.key);
             }
             q.execute(&mut **t).await?;
         }
@@ -101,46 +123,17 @@ pub async fn enqueue_generation(
     payload: &[u8],
     max_attempts: i64,
 ) -> Result<(), StoreError> {
-    let now_s = chrono::Utc::now().timestamp();
-    let id = job_id(task_id, generation);
     let key = if generation == 0 {
         task_id.to_string()
     } else {
         format!("{task_id}#{generation}")
     };
-    match tx {
-        Tx::Sqlite(t) => {
-            sqlx::query(
-                "insert into Jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority, metadata, idempotency_key)
-                 values ($1, $2, $3, 'Pending', 0, $4, $5, 0, '{}', $6)
-                 on conflict (job_type, idempotency_key) do nothing",
-            )
-            .bind(payload)
-            .bind(&id)
-            .bind(queue)
-            .bind(max_attempts)
-            .bind(now_s)
-            .bind(&key)
-            .execute(&mut **t)
-            .await?;
-        }
-        Tx::Postgres(t) => {
-            sqlx::query(
-                "insert into apalis.jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority, metadata, idempotency_key)
-                 values ($1, $2, $3, 'Pending', 0, $4, to_timestamp($5), 0, ''::hstore, $6)
-                 on conflict (job_type, idempotency_key) do nothing",
-            )
-            .bind(payload)
-            .bind(&id)
-            .bind(queue)
-            .bind(max_attempts as i32)
-            .bind(now_s as f64)
-            .bind(&key)
-            .execute(&mut **t)
-            .await?;
-        }
-    }
-    Ok(())
+    let job = NewJob {
+        id: job_id(task_id, generation),
+        key,
+        payload: payload.to_vec(),
+    };
+    insert_jobs(tx, queue, std::slice::from_ref(&job), max_attempts).await
 }
 
 /// Delays the next attempt of a failed job until `run_at_s` (Unix seconds). apalis re-fetches
