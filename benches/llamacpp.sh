@@ -23,10 +23,11 @@ if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
   CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$VENV/bin/pip" install -q "llama-cpp-python[server]==0.3.36"
 }
 cargo build --release -q
-./target/release/enricher models fetch >/dev/null
+BIN="${CARGO_TARGET_DIR:-target}/release/enricher"
+"$BIN" models fetch >/dev/null
 out="$(mktemp -d)"
 export RAYON_NUM_THREADS="$THREADS" CANDLE_NUM_THREADS="$THREADS"
-./target/release/enricher bench local --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$GEN_TOKENS" \
+"$BIN" bench local --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$GEN_TOKENS" \
   --runs "$RUNS" --dump-prompt "$out/prompt.json" --json > "$out/enricher.json"
 "$VENV/bin/python" benches/llamacpp_bench.py --model "$MODEL" --prompt "$out/prompt.json" \
   --threads "$THREADS" --runs "$RUNS" > "$out/llamacpp.json"

@@ -425,9 +425,12 @@ pub struct LocalFigure {
     pub prompt_tokens_per_s: f64,
     pub gen_tokens_per_s: f64,
     pub time_to_first_token_ms: f64,
-    /// Requests sent at once; with more than one, `batch_tokens_per_s` is the aggregate.
+    /// Requests sent at once; with more than one, `batch_gen_tokens_per_s` is the
+    /// aggregate rate (prompts included in the time) and `batch_speedup` the time of the
+    /// same requests one after another divided by their time together.
     pub batch: usize,
     pub batch_gen_tokens_per_s: Option<f64>,
+    pub batch_speedup: Option<f64>,
     pub peak_rss_mib: f64,
     pub load_seconds: f64,
 }
@@ -509,6 +512,8 @@ pub async fn local(
     }
     // every run repeats the same prompt: with the prefix cache on it would be prefilled once
     ps.prefix_cache = false;
+    // the runner decodes up to `concurrency` requests together
+    ps.concurrency = batch.max(1);
     let provider = crate::llm::local::LocalProvider::load("bench", &ps, &base.paths.models_dir)
         .await
         .map_err(setup)?;
@@ -543,18 +548,26 @@ pub async fn local(
         ttft.push((t.tokenize + t.prefill).as_secs_f64() * 1000.0);
         gens.push(f64::from(g.completion_tokens));
     }
-    let batch_gen = if batch > 1 {
+    let (batch_gen, batch_speedup) = if batch > 1 {
+        let started = Instant::now();
+        for _ in 0..batch {
+            provider.generate(req.clone()).await.map_err(setup)?;
+        }
+        let one_by_one = started.elapsed().as_secs_f64();
         let started = Instant::now();
         let calls: Vec<_> = (0..batch).map(|_| provider.generate(req.clone())).collect();
         let results = futures::future::join_all(calls).await;
-        let tokens: u32 = results
-            .iter()
-            .filter_map(|r| r.as_ref().ok())
-            .map(|g| g.completion_tokens)
-            .sum();
-        Some(f64::from(tokens) / started.elapsed().as_secs_f64())
+        let together = started.elapsed().as_secs_f64();
+        let mut tokens = 0u32;
+        for r in results {
+            tokens += r.map_err(setup)?.completion_tokens;
+        }
+        (
+            Some(f64::from(tokens) / together),
+            Some(one_by_one / together.max(1e-9)),
+        )
     } else {
-        None
+        (None, None)
     };
     let file_mib = std::fs::metadata(provider.model_path())
         .map(|m| m.len() as f64 / 1048576.0)
@@ -570,6 +583,7 @@ pub async fn local(
         time_to_first_token_ms: median(ttft),
         batch,
         batch_gen_tokens_per_s: batch_gen,
+        batch_speedup,
         peak_rss_mib: peak_rss_mib(),
         load_seconds: provider.load_time().as_secs_f64(),
     })

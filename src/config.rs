@@ -196,7 +196,8 @@ pub struct ProviderSettings {
     /// Remote: per-request timeout.
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
-    /// Requests in flight at once from this process.
+    /// Requests in flight at once from this process. Local: requests decoded together by
+    /// the model's runner (the batch size of continuous batching).
     #[serde(default = "default_provider_concurrency")]
     pub concurrency: usize,
     /// Remote: retries of one request inside an attempt (429/5xx/timeouts), with backoff.
@@ -209,7 +210,7 @@ pub struct ProviderSettings {
     /// Overrides of the global sampling defaults.
     #[serde(default)]
     pub sampling: Option<Sampling>,
-    /// Local: CPU threads for inference (0 = candle's default, one per physical core).
+    /// Local: CPU threads for inference (0: one per CPU, or `RAYON_NUM_THREADS`).
     #[serde(default)]
     pub threads: usize,
     /// Local: reuse the KV cache of prompt prefixes shared between requests (the system
@@ -331,7 +332,7 @@ impl Default for Settings {
                 base_url: None,
                 api_key: None,
                 timeout_s: default_timeout_s(),
-                concurrency: 1,
+                concurrency: 4,
                 max_retries: 0,
                 structured_output: true,
                 sampling: None,

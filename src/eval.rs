@@ -92,6 +92,8 @@ pub struct EvalReport {
     pub channels: Vec<String>,
     pub provider: String,
     pub model: String,
+    /// Drafts generated at once (for a local model: decoded together).
+    pub concurrency: usize,
     pub enricher: ModeReport,
     pub baseline: Option<ModeReport>,
 }
@@ -119,21 +121,26 @@ pub fn load_specs(
     Ok(specs)
 }
 
-/// Runs every spec x channel in `mode`; `progress` is called after each draft.
+/// Runs every spec x channel in `mode`, up to `concurrency` drafts at once (results in
+/// input order); `progress` is called after each draft.
 pub async fn run_mode(
     pipeline: &Pipeline,
     specs: &[ProductSpec],
     channels: &[String],
     mode: Mode,
+    concurrency: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<(Vec<Sample>, f64), EvalError> {
+    use futures::StreamExt;
     let total = specs.len() * channels.len();
     let started = Instant::now();
     let mut out = Vec::with_capacity(total);
-    for s in specs {
-        for ch in channels {
+    let tasks = specs
+        .iter()
+        .flat_map(|s| channels.iter().map(move |ch| (s, ch)))
+        .map(|(s, ch)| async move {
             let o = pipeline.enrich_with(s, ch, None, mode).await?;
-            out.push(Sample {
+            Ok::<_, EvalError>(Sample {
                 product_id: s.id.clone(),
                 channel: ch.clone(),
                 status: o.status,
@@ -146,9 +153,12 @@ pub async fn run_mode(
                 completion_tokens: o.provenance.completion_tokens,
                 latency_ms: o.provenance.latency_ms,
                 repairs: o.provenance.repairs.clone(),
-            });
-            progress(out.len(), total);
-        }
+            })
+        });
+    let mut stream = futures::stream::iter(tasks).buffered(concurrency.max(1));
+    while let Some(sample) = stream.next().await {
+        out.push(sample?);
+        progress(out.len(), total);
     }
     Ok((out, started.elapsed().as_secs_f64()))
 }
@@ -307,6 +317,19 @@ pub fn markdown(r: &EvalReport) -> String {
             }
         }
     }
+    out.push('\n');
+    for m in &modes {
+        out.push_str(&format!(
+            "Throughput, {}: {} products x {} channels in {:.0} s = {:.1} products/min ({:.1} drafts/min), {} at once.\n",
+            m.mode,
+            r.products,
+            r.channels.len(),
+            m.wall_seconds,
+            r.products as f64 * 60.0 / m.wall_seconds.max(1e-9),
+            (r.products * r.channels.len()) as f64 * 60.0 / m.wall_seconds.max(1e-9),
+            r.concurrency,
+        ));
+    }
     for m in &modes {
         out.push_str(&format!(
             "\n## Rule failures, {} (share of drafts; first answer -> final)\n\n",
@@ -443,6 +466,7 @@ mod tests {
             channels: vec!["seo".into()],
             provider: "stub".into(),
             model: "stub".into(),
+            concurrency: 1,
             enricher: r,
             baseline: None,
         });

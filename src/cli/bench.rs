@@ -127,10 +127,10 @@ pub async fn run(settings: Settings, cmd: BenchCommand) -> anyhow::Result<ExitCo
             if json {
                 println!("{}", serde_json::to_string_pretty(&f)?);
             } else {
-                println!("| model | prompt tokens | prompt tok/s | gen tok/s | first token ms | batch | batch gen tok/s | peak RSS MiB (file MiB) |");
-                println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+                println!("| model | prompt tokens | prompt tok/s | gen tok/s | first token ms | batch | batch gen tok/s | batch speedup | peak RSS MiB (file MiB) |");
+                println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
                 println!(
-                    "| {} | {} | {:.1} | {:.1} | {:.0} | {} | {} | {:.0} ({:.0}) |",
+                    "| {} | {} | {:.1} | {:.1} | {:.0} | {} | {} | {} | {:.0} ({:.0}) |",
                     f.model,
                     f.prompt_tokens,
                     f.prompt_tokens_per_s,
@@ -139,6 +139,9 @@ pub async fn run(settings: Settings, cmd: BenchCommand) -> anyhow::Result<ExitCo
                     f.batch,
                     f.batch_gen_tokens_per_s
                         .map(|x| format!("{x:.1}"))
+                        .unwrap_or_else(|| "-".into()),
+                    f.batch_speedup
+                        .map(|x| format!("{x:.2}x"))
                         .unwrap_or_else(|| "-".into()),
                     f.peak_rss_mib,
                     f.model_file_mib

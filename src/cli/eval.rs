@@ -32,6 +32,10 @@ pub struct EvalArgs {
     /// Also run the same model with a plain prompt and no structure, checks or repair.
     #[arg(long)]
     pub baseline: bool,
+    /// Drafts generated at once. With a local model they are decoded together (batched);
+    /// the figure sets the local provider's `concurrency` for this run.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
 }
 
 pub async fn run(mut settings: Settings, args: EvalArgs) -> anyhow::Result<ExitCode> {
@@ -48,6 +52,12 @@ pub async fn run(mut settings: Settings, args: EvalArgs) -> anyhow::Result<ExitC
         );
         settings.routing.clear();
         settings.default_provider = p.clone();
+    }
+    let concurrency = args.concurrency.max(1);
+    for p in settings.providers.values_mut() {
+        if p.kind == enricher::config::ProviderKind::Local || p.concurrency < concurrency {
+            p.concurrency = concurrency;
+        }
     }
     // eval needs no queue: a throw-away database keeps the user's one untouched
     let tmp = std::env::temp_dir().join(format!("enricher-eval-{}", std::process::id()));
@@ -76,9 +86,14 @@ pub async fn run(mut settings: Settings, args: EvalArgs) -> anyhow::Result<ExitC
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         pb.set_message(name);
-        let (samples, wall) = eval::run_mode(&pipeline, &specs, &channels, mode, |done, _| {
-            pb.set_position(done as u64)
-        })
+        let (samples, wall) = eval::run_mode(
+            &pipeline,
+            &specs,
+            &channels,
+            mode,
+            concurrency,
+            |done, _| pb.set_position(done as u64),
+        )
         .await?;
         pb.finish();
         reports.push(eval::summarize(name, &samples, wall));
@@ -90,6 +105,7 @@ pub async fn run(mut settings: Settings, args: EvalArgs) -> anyhow::Result<ExitC
         channels,
         provider,
         model: info.model,
+        concurrency,
         enricher: it.next().context("no report")?,
         baseline: it.next(),
     };

@@ -1,31 +1,29 @@
-//! Local inference with candle: a quantized GGUF model, in-process, on CPU.
+//! Local inference: a quantized GGUF model, in-process, on CPU.
 //!
 //! [`LocalProvider::load`] finds (or fetches) the model named in the configuration, reads
-//! the GGUF file once, builds the weights (`quantized_llama`), the tokenizer from the file's
-//! own vocabulary ([`tokenizer`]), and hashes the file for provenance. The model then lives
-//! on a dedicated runner thread ([`runner`]) that serves one generation at a time; the async
-//! side only sends requests and awaits answers. A request with a schema is decoded under a
+//! the GGUF file once (candle's GGUF reader), builds the weights ([`model`], over the
+//! kernels of [`kernels`]), the tokenizer from the file's own vocabulary ([`tokenizer`]),
+//! and hashes the file for provenance. The model then lives on a runner thread ([`runner`])
+//! that decodes up to `concurrency` requests together (continuous batching); the async side
+//! only sends requests and awaits answers. A request with a schema is decoded under a
 //! [`constraint::JsonConstraint`]: the answer is one JSON object of that schema, and with
 //! `allowed_numbers` its strings hold no other numbers.
 //!
 //! A model is loaded once per process: providers that name the same model file share one
-//! loaded model (and so one runner thread) for as long as any of them is alive.
+//! loaded model (and so one runner) for as long as any of them is alive; the first to load
+//! it decides its batch size, thread count and prefix cache.
 //!
-//! Threads: candle's CPU thread pools are process-wide and sized on first use from
-//! `CANDLE_NUM_THREADS` (matmuls of quantized weights) and `RAYON_NUM_THREADS` (other ops),
-//! by default one per physical core. `ProviderSettings.threads` cannot resize them after
-//! the fact; when it disagrees with what candle uses, loading logs a warning that names the
-//! variables to set.
+//! Threads: each loaded model has a thread pool of its own, `threads` threads (0: one per
+//! CPU); the runner's loop runs on it.
 //!
-//! Speed (SmolLM2-135M Q4_1, 2 cores, best of several runs on a shared machine; see the
-//! `throughput` test): about 90 prompt tokens/s, and 40 generated tokens/s after a
-//! 275-token prompt (59/s after a short one), the same as a plain candle loop. The decode
-//! cost that grows with the context is candle's `quantized_llama` attention (the KV cache is
-//! concatenated and repeated for grouped-query attention at every token); choosing tokens
-//! takes 0.5-1.5 ms per token in a debug build of this crate (opt-level 0), 0.1 ms optimised.
+//! Speed (SmolLM2-135M Q4_1, 2 cores, `enricher bench local`, release build): about 255
+//! prompt tokens/s and 105 generated tokens/s single-stream (candle's own `quantized_llama`
+//! loop on the same file: about 90 and 40-60), peak RSS about 180 MiB for a 94 MiB file.
 
 pub mod chat;
 pub mod constraint;
+pub mod kernels;
+pub mod model;
 pub mod prefix;
 pub mod runner;
 pub mod sampler;
@@ -39,8 +37,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use candle_core::{quantized::gguf_file, Device};
-use candle_transformers::models::quantized_llama::{self, ModelWeights};
+use candle_core::quantized::gguf_file;
 
 use self::{
     chat::ChatTemplate,
@@ -85,7 +82,6 @@ impl LocalProvider {
         s: &ProviderSettings,
         models_dir: &Path,
     ) -> Result<Self, LlmError> {
-        check_threads(s.threads);
         let file = {
             let dir = models_dir.to_path_buf();
             let model = s.model.clone();
@@ -105,7 +101,7 @@ impl LocalProvider {
                 loaded: m,
             });
         }
-        let m = Arc::new(load_model(file, s.prefix_cache).await?);
+        let m = Arc::new(load_model(file, s).await?);
         loaded.retain(|_, w| w.strong_count() > 0);
         loaded.insert(key, Arc::downgrade(&m));
         tracing::info!(
@@ -183,32 +179,11 @@ impl Provider for LocalProvider {
     }
 }
 
-/// Warns when `threads` asks for something candle's process-wide pools will not do.
-fn check_threads(threads: usize) {
-    if threads == 0 {
-        return;
-    }
-    let env = |k: &str| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&n| n > 0)
-    };
-    let rayon = candle_core::utils::get_num_threads();
-    let matmul = env("CANDLE_NUM_THREADS").unwrap_or(rayon);
-    if matmul != threads || rayon != threads {
-        tracing::warn!(
-            threads,
-            candle_threads = matmul,
-            rayon_threads = rayon,
-            "providers.*.threads cannot resize candle's process-wide thread pools; \
-             set CANDLE_NUM_THREADS={threads} and RAYON_NUM_THREADS={threads} in the environment"
-        );
-    }
-}
-
 /// Hashes and loads the model file (two blocking tasks, side by side), then starts its runner.
-async fn load_model(file: models::ModelFile, prefix_cache: bool) -> Result<LoadedModel, LlmError> {
+async fn load_model(
+    file: models::ModelFile,
+    s: &ProviderSettings,
+) -> Result<LoadedModel, LlmError> {
     let t0 = Instant::now();
     let template = ChatTemplate::from_name(&file.entry.chat_template)?;
     let hash = {
@@ -235,8 +210,13 @@ async fn load_model(file: models::ModelFile, prefix_cache: bool) -> Result<Loade
         )));
     }
     let (mut engine, tokenizer, context_len) = build.map_err(join_err)??;
-    engine.set_prefix_cache(prefix_cache);
-    let runner = Runner::spawn(engine, &format!("model-{}", file.entry.name))?;
+    engine.set_prefix_cache(s.prefix_cache);
+    let runner = Runner::spawn(
+        engine,
+        &format!("model-{}", file.entry.name),
+        s.concurrency,
+        s.threads,
+    )?;
     Ok(LoadedModel {
         runner,
         tokenizer,
@@ -277,17 +257,16 @@ fn build_engine(
             "the manifest's family differs from the file's architecture"
         );
     }
-    let trained_ctx = content
-        .metadata
-        .get("llama.context_length")
-        .and_then(|v| v.to_u32().ok())
-        .map(|n| n as usize)
-        .unwrap_or(quantized_llama::MAX_SEQ_LEN);
-    // candle's quantized llama precomputes rotary embeddings for MAX_SEQ_LEN positions.
-    let context_len = trained_ctx.min(quantized_llama::MAX_SEQ_LEN);
     let tokenizer = Arc::new(GgufTokenizer::from_gguf(&content)?);
-    let model = ModelWeights::from_gguf(content, &mut f, &Device::Cpu)
+    let model = model::Model::from_gguf(&content, &mut f)
         .map_err(|e| fail("building the model from", &e))?;
+    let context_len = model.config().context;
+    tracing::debug!(
+        weights_mib = model.size_in_bytes() / (1 << 20),
+        context_len,
+        "model weights read"
+    );
+    let model = Arc::new(model);
     let engine = Engine::new(model, tokenizer.clone(), template, context_len);
     Ok((engine, tokenizer, context_len))
 }

@@ -3,19 +3,19 @@
 //! Every product of a channel is asked with the same system prompt and the same channel
 //! instructions; only the spec at the end differs. Prefilling those shared tokens again
 //! for every product is most of the prompt work. [`PrefixCache`] keeps a few snapshots of
-//! the model right after such a prefix: a snapshot is a clone of `ModelWeights` (clones
-//! share the weights; the cached K/V tensors are immutable, so the clone costs only the
-//! K/V of the prefix, about 46 KiB per token for SmolLM2-135M).
+//! a sequence's [`KvCache`] right after such a prefix (the K/V of the prefix, about
+//! 46 KiB per token for SmolLM2-135M); a new prompt starts from a copy of one.
 //!
 //! A prefix is learnt, not declared: when a prompt shares at least [`MIN_PREFIX`] leading
 //! tokens with one of the last few prompts, that common part becomes a snapshot, and later
 //! prompts that start with it prefill only the rest. The result is the same as prefilling
-//! the whole prompt (the `prefix_cache_gives_the_same_tokens` test checks it on the real
-//! model).
+//! the whole prompt, bit for bit, since the model computes each position the same way
+//! however the prompt is split (the `prefix_cache_gives_the_same_tokens` test checks it on
+//! the real model).
 
 use std::collections::VecDeque;
 
-use candle_transformers::models::quantized_llama::ModelWeights;
+use super::model::KvCache;
 
 /// Shorter shared prefixes are not worth a snapshot.
 pub const MIN_PREFIX: usize = 32;
@@ -27,17 +27,14 @@ const RECENT: usize = 4;
 
 struct Snapshot {
     ids: Vec<u32>,
-    model: ModelWeights,
+    cache: KvCache,
     last_used: u64,
 }
 
 /// What [`PrefixCache::plan`] says to do for a prompt.
 pub enum Plan {
-    /// Restore this model (its KV cache holds the first `len` prompt tokens) and prefill the rest.
-    Restore {
-        model: Box<ModelWeights>,
-        len: usize,
-    },
+    /// Start from this cache (it holds the first `len` prompt tokens) and prefill the rest.
+    Restore { cache: Box<KvCache>, len: usize },
     /// Prefill the first `len` tokens from scratch, [`PrefixCache::store`] a snapshot, then
     /// prefill the rest.
     Learn { len: usize },
@@ -88,8 +85,7 @@ impl PrefixCache {
 
     /// Decides how to prefill `prompt`, and remembers it for the prompts to come.
     /// At least one token is always left to prefill (its logits are the first answer).
-    /// New snapshots end on a multiple of `align` (the prefill chunk), so that prefilling
-    /// from a snapshot runs the same forward passes as prefilling the whole prompt.
+    /// New snapshots end on a multiple of `align` (1: anywhere).
     pub fn plan(&mut self, prompt: &[u32], align: usize) -> Plan {
         if !self.enabled {
             return Plan::Plain;
@@ -103,7 +99,7 @@ impl PrefixCache {
         let plan = if let Some(s) = best {
             s.last_used = self.clock;
             Plan::Restore {
-                model: Box::new(s.model.clone()),
+                cache: Box::new(s.cache.clone()),
                 len: s.ids.len(),
             }
         } else {
@@ -128,8 +124,8 @@ impl PrefixCache {
         plan
     }
 
-    /// Keeps `model` (whose KV cache holds exactly `ids`) as a snapshot.
-    pub fn store(&mut self, ids: &[u32], model: ModelWeights) {
+    /// Keeps `cache` (which holds exactly `ids`) as a snapshot.
+    pub fn store(&mut self, ids: &[u32], cache: KvCache) {
         if !self.enabled || self.snapshots.iter().any(|s| s.ids == ids) {
             return;
         }
@@ -146,7 +142,7 @@ impl PrefixCache {
         }
         self.snapshots.push(Snapshot {
             ids: ids.to_vec(),
-            model,
+            cache,
             last_used: self.clock,
         });
     }

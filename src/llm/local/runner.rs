@@ -1,27 +1,22 @@
-//! The model-runner thread and the generation loop.
+//! The model-runner thread and the generation loop, with batched decoding.
 //!
 //! [`Runner`] owns a [`Generate`] implementation (the real one is [`Engine`]) on a dedicated
-//! OS thread and serves requests from a channel, one at a time: candle's forward pass is
-//! CPU-bound and needs `&mut` access to the KV cache, so it never runs on the async runtime.
-//! Each request carries a oneshot sender for its answer. A panic inside a generation is
-//! caught, turned into [`LlmError::Model`], and the engine is reset, so the next request is
-//! served normally. A request whose caller has gone away (timeout, cancelled task) is
-//! skipped, or stopped at the next token.
+//! OS thread and serves requests from a channel. It keeps up to `max_batch` generations in
+//! flight: a new request is started (prompt prefilled, first token chosen) as soon as a
+//! slot is free, and then every in-flight generation advances by one token per
+//! [`Generate::step`] — one forward pass for all of them, so the weights are read once per
+//! step instead of once per sequence (continuous batching). Each request carries a oneshot
+//! sender for its answer. A panic inside a generation is caught, turned into
+//! [`LlmError::Model`] for the requests it touched, and the engine is reset, so the next
+//! request is served normally. A request whose caller has gone away (timeout, cancelled
+//! task) is skipped, or dropped at the next step.
 //!
-//! [`Engine::generate`] is the loop: chat template -> prompt ids -> chunked prefill ->
-//! sample / forward one token at a time on the last position's logits, until end of turn,
-//! `max_new_tokens` or the context length.
-//!
-//! Where later work slots in:
-//! - Constrained decoding: [`constraint_for`] builds a [`LogitsConstraint`] from the
-//!   request (schema, allowed numbers: [`JsonConstraint`]); the loop masks and advances it
-//!   every step.
-//! - Prompt-prefix reuse ([`super::prefix`]): the prompt is prefilled from the longest
-//!   snapshot of the model taken after a shared prefix (system prompt + channel
-//!   instructions), so only the spec part is prefilled for each product.
-//! - Batching: the runner's queue is where several waiting jobs would be drained together;
-//!   candle's `quantized_llama` forward shares one position (and KV length) across the
-//!   batch, so batching requests of different lengths needs a model forward of our own.
+//! [`Engine`] is the candle-free llama of [`super::model`]: chat template -> prompt ids ->
+//! prefill (from the longest shared-prefix snapshot, [`super::prefix`]) -> sample on the
+//! last position's logits -> one token per step, until end of turn, `max_new_tokens` or
+//! the context length. A request with a schema is decoded under a [`JsonConstraint`].
+//! Because the model computes each sequence's numbers independently of the others, a
+//! sequence's tokens are the same alone, in a batch, or restored from a snapshot.
 
 use std::{
     panic::{catch_unwind, AssertUnwindSafe},
@@ -29,24 +24,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use candle_core::{Device, Storage, Tensor};
-use candle_transformers::models::quantized_llama::ModelWeights;
 use tokio::sync::oneshot;
 
 use super::{
     chat::ChatTemplate,
     constraint::JsonConstraint,
+    model::{KvCache, Model, ModelError, Step, Workspace},
     prefix::{Plan, PrefixCache},
     sampler::{LogitsConstraint, Sampler},
     tokenizer::GgufTokenizer,
 };
 use crate::llm::{GenerateRequest, Generation, LlmError};
 
-/// Prompt tokens per forward pass during prefill. Bounds the attention scores' memory
-/// (heads x chunk x context floats) for long prompts, and is the granularity of prefix
-/// snapshots ([`super::prefix`]). Quantised matmuls work row by row, so on CPU a 64-token
-/// chunk prefills about as fast as a 512-token one (`enricher bench local`).
-pub const PREFILL_CHUNK: usize = 64;
+/// Prompt tokens per forward pass during prefill. Bounds the attention work and buffers of
+/// one pass; the matmuls read the weights once per chunk, so larger chunks prefill faster
+/// up to the point where the activations stop fitting in cache (`enricher bench local`).
+pub const PREFILL_CHUNK: usize = 128;
 
 /// A prompt must leave room for at least this many new tokens (or `max_new_tokens` when
 /// smaller), else the request is rejected rather than answered with a stub.
@@ -61,10 +54,12 @@ pub struct Timings {
     pub prefill: Duration,
     /// Prompt tokens whose KV cache came from a snapshot of a shared prefix (not prefilled).
     pub cached_prompt_tokens: usize,
-    /// Sampling and forward passes for the completion.
+    /// From the first token to the last (shared with the batch's other sequences).
     pub decode: Duration,
-    /// The part of `decode` spent choosing tokens (penalty, constraint, sampling).
+    /// The part of `decode` spent choosing this sequence's tokens (penalty, constraint, sampling).
     pub sampling: Duration,
+    /// Most sequences decoded together while this one was running.
+    pub batch: usize,
 }
 
 impl Timings {
@@ -80,17 +75,42 @@ impl Timings {
     }
 }
 
-/// Something the runner thread can serve requests with.
+/// Something the runner thread can serve requests with, several at a time.
 pub trait Generate: Send + 'static {
-    /// One generation. `cancelled()` turns true once nobody waits for the answer.
+    /// One generation in progress.
+    type Seq: Send;
+
+    /// Starts a generation: the prompt is read and the first token chosen (which may
+    /// already finish it).
+    fn start(&mut self, req: &GenerateRequest) -> Result<Self::Seq, LlmError>;
+
+    /// Advances every sequence that is not done by one token, together.
+    fn step(&mut self, seqs: &mut [&mut Self::Seq]) -> Result<(), LlmError>;
+
+    /// Whether the sequence has its answer (or failed).
+    fn is_done(&self, seq: &Self::Seq) -> bool;
+
+    /// The answer of a sequence that is done (or stopped early).
+    fn finish(&mut self, seq: Self::Seq) -> Result<(Generation, Timings), LlmError>;
+
+    /// Brings the state back to "between requests" after a failure (e.g. a panic mid-way).
+    fn reset(&mut self);
+
+    /// One whole generation, alone. `cancelled()` turns true once nobody waits for it.
     fn generate(
         &mut self,
         req: &GenerateRequest,
         cancelled: &dyn Fn() -> bool,
-    ) -> Result<(Generation, Timings), LlmError>;
-
-    /// Brings the state back to "between requests" after a failure (e.g. a panic mid-way).
-    fn reset(&mut self);
+    ) -> Result<(Generation, Timings), LlmError> {
+        let mut seq = self.start(req)?;
+        while !self.is_done(&seq) {
+            if cancelled() {
+                return Err(LlmError::Model("cancelled: the caller went away".into()));
+            }
+            self.step(&mut [&mut seq])?;
+        }
+        self.finish(seq)
+    }
 }
 
 type Reply = oneshot::Sender<Result<(Generation, Timings), LlmError>>;
@@ -109,12 +129,28 @@ pub struct Runner {
 }
 
 impl Runner {
-    /// Starts the runner thread, which owns `engine` from now on.
-    pub fn spawn<G: Generate>(engine: G, thread_name: &str) -> Result<Self, LlmError> {
+    /// Starts the runner, which owns `engine` from now on and decodes up to `max_batch`
+    /// requests together, on a thread pool of its own with `threads` threads (0: one per
+    /// CPU). The serving loop runs on one of the pool's threads, so a forward pass splits
+    /// its work between it and the others instead of waking a pool and waiting for it (on
+    /// two cores, a third busy thread costs a third of the time in context switches).
+    pub fn spawn<G: Generate>(
+        engine: G,
+        thread_name: &str,
+        max_batch: usize,
+        threads: usize,
+    ) -> Result<Self, LlmError> {
         let (tx, rx) = mpsc::channel::<Job>();
+        let max_batch = max_batch.max(1);
+        let name = thread_name.to_string();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(move |i| format!("{name}-{i}"))
+            .build()
+            .map_err(|e| LlmError::Setup(format!("starting the model runner threads: {e}")))?;
         std::thread::Builder::new()
             .name(thread_name.to_string())
-            .spawn(move || serve(engine, rx))
+            .spawn(move || pool.install(|| serve(engine, rx, max_batch)))
             .map_err(|e| LlmError::Setup(format!("starting the model runner thread: {e}")))?;
         Ok(Self { tx })
     }
@@ -135,36 +171,119 @@ impl Runner {
     }
 }
 
-fn serve<G: Generate>(mut engine: G, rx: mpsc::Receiver<Job>) {
-    tracing::debug!("model runner started");
-    while let Ok(job) = rx.recv() {
-        let _span = job.span.enter();
-        if job.reply.is_closed() {
-            tracing::debug!("skipping a request whose caller is gone");
+struct Active<S> {
+    seq: S,
+    reply: Reply,
+    span: tracing::Span,
+}
+
+/// Runs `f` on the engine; a panic becomes an error and resets the engine.
+fn guarded<G: Generate, T>(
+    engine: &mut G,
+    f: impl FnOnce(&mut G) -> Result<T, LlmError>,
+) -> Result<T, LlmError> {
+    match catch_unwind(AssertUnwindSafe(|| f(engine))) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = panic_message(payload.as_ref());
+            tracing::error!(panic = %msg, "the model runner panicked during a generation");
+            if catch_unwind(AssertUnwindSafe(|| engine.reset())).is_err() {
+                tracing::error!("resetting the model after a panic panicked too");
+            }
+            Err(LlmError::Model(format!("generation panicked: {msg}")))
+        }
+    }
+}
+
+fn answer(reply: Reply, result: Result<(Generation, Timings), LlmError>) {
+    if let Err(e) = &result {
+        tracing::warn!(error = %e, "local generation failed");
+    }
+    // The caller may have gone away meanwhile: nothing to do then.
+    let _ = reply.send(result);
+}
+
+fn serve<G: Generate>(mut engine: G, rx: mpsc::Receiver<Job>, max_batch: usize) {
+    tracing::debug!(max_batch, "model runner started");
+    let mut active: Vec<Active<G::Seq>> = Vec::new();
+    loop {
+        // Fill free slots: wait for work when idle, else take only what is queued.
+        while active.len() < max_batch {
+            let job = if active.is_empty() {
+                match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => {
+                        tracing::debug!("model runner stopped");
+                        return;
+                    }
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(j) => j,
+                    Err(_) => break,
+                }
+            };
+            if job.reply.is_closed() {
+                tracing::debug!("skipping a request whose caller is gone");
+                continue;
+            }
+            let span = job.span;
+            let started = {
+                let _e = span.enter();
+                guarded(&mut engine, |e| e.start(&job.req))
+            };
+            match started {
+                Ok(seq) if engine.is_done(&seq) => {
+                    let _e = span.enter();
+                    let r = guarded(&mut engine, |e| e.finish(seq));
+                    answer(job.reply, r);
+                }
+                Ok(seq) => active.push(Active {
+                    seq,
+                    reply: job.reply,
+                    span,
+                }),
+                Err(e) => {
+                    let _e = span.enter();
+                    answer(job.reply, Err(e));
+                }
+            }
+        }
+        active.retain(|a| {
+            let gone = a.reply.is_closed();
+            if gone {
+                let _e = a.span.enter();
+                tracing::debug!("dropping a generation whose caller is gone");
+            }
+            !gone
+        });
+        if active.is_empty() {
             continue;
         }
-        let reply = &job.reply;
-        let outcome = catch_unwind(AssertUnwindSafe(|| {
-            engine.generate(&job.req, &|| reply.is_closed())
-        }));
-        let result = match outcome {
-            Ok(r) => r,
-            Err(payload) => {
-                let msg = panic_message(payload.as_ref());
-                tracing::error!(panic = %msg, "the model runner panicked during a generation");
-                if catch_unwind(AssertUnwindSafe(|| engine.reset())).is_err() {
-                    tracing::error!("resetting the model after a panic panicked too");
-                }
-                Err(LlmError::Model(format!("generation panicked: {msg}")))
-            }
+        let stepped = {
+            let mut seqs: Vec<&mut G::Seq> = active.iter_mut().map(|a| &mut a.seq).collect();
+            guarded(&mut engine, |e| e.step(&mut seqs))
         };
-        if let Err(e) = &result {
-            tracing::warn!(error = %e, "local generation failed");
+        if let Err(e) = stepped {
+            let msg = e.to_string();
+            for a in active.drain(..) {
+                let _e = a.span.enter();
+                answer(a.reply, Err(LlmError::Model(msg.clone())));
+            }
+            continue;
         }
-        // The caller may have gone away meanwhile: nothing to do then.
-        let _ = job.reply.send(result);
+        let mut i = 0;
+        while i < active.len() {
+            if engine.is_done(&active[i].seq) {
+                let a = active.swap_remove(i);
+                let _e = a.span.enter();
+                let r = guarded(&mut engine, |e| e.finish(a.seq));
+                answer(a.reply, r);
+            } else {
+                i += 1;
+            }
+        }
     }
-    tracing::debug!("model runner stopped");
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -194,40 +313,91 @@ pub fn constraint_for(
     )))
 }
 
-/// The candle model with its tokenizer and template: the real [`Generate`].
+/// The model with its tokenizer and template: the real [`Generate`].
 pub struct Engine {
-    model: ModelWeights,
+    model: Arc<Model>,
     tokenizer: Arc<GgufTokenizer>,
     template: ChatTemplate,
     context_len: usize,
     prefill_chunk: usize,
-    device: Device,
-    /// The last position's logits, reused across steps.
+    ws: Workspace,
+    /// Logits of the last forward pass (one row of `vocab` per step).
     logits: Vec<f32>,
-    /// Snapshots of the model after shared prompt prefixes.
+    /// The cache of [`Engine::prefill`] (the low-level API).
+    cache: KvCache,
+    /// Snapshots of the model's cache after shared prompt prefixes.
     prefixes: PrefixCache,
 }
 
-fn model_err(what: &str) -> impl Fn(candle_core::Error) -> LlmError + '_ {
+/// A generation in progress on an [`Engine`].
+pub struct Seq {
+    cache: KvCache,
+    sampler: Sampler,
+    constraint: Option<Box<dyn LogitsConstraint>>,
+    generated: Vec<u32>,
+    n_prompt: usize,
+    max_new: usize,
+    stopped: bool,
+    done: bool,
+    error: Option<LlmError>,
+    timings: Timings,
+    decode_start: Instant,
+}
+
+impl Seq {
+    /// Chooses the next token from `logits` and records it.
+    fn push(&mut self, logits: &mut [f32], tokenizer: &GgufTokenizer) {
+        let ts = Instant::now();
+        let next = self
+            .sampler
+            .sample(logits, &self.generated, self.constraint.as_deref_mut());
+        self.timings.sampling += ts.elapsed();
+        let next = match next {
+            Ok(t) => t,
+            Err(e) => return self.fail(e),
+        };
+        self.generated.push(next);
+        if let Some(c) = self.constraint.as_deref_mut() {
+            if let Err(e) = c.advance(next) {
+                return self.fail(LlmError::Model(format!("constraint: {e}")));
+            }
+        }
+        if tokenizer.is_end_of_turn(next) {
+            self.stopped = true;
+            self.done = true;
+        } else if self.generated.len() >= self.max_new {
+            self.done = true;
+        }
+    }
+
+    fn fail(&mut self, e: LlmError) {
+        self.error = Some(e);
+        self.done = true;
+    }
+}
+
+fn model_err(what: &str) -> impl Fn(ModelError) -> LlmError + '_ {
     move |e| LlmError::Model(format!("{what}: {e}"))
 }
 
 impl Engine {
     pub fn new(
-        model: ModelWeights,
+        model: Arc<Model>,
         tokenizer: Arc<GgufTokenizer>,
         template: ChatTemplate,
         context_len: usize,
     ) -> Self {
         let vocab = tokenizer.vocab_size();
+        let cache = model.new_cache();
         Self {
+            context_len: context_len.min(model.config().context),
             model,
             tokenizer,
             template,
-            context_len,
             prefill_chunk: PREFILL_CHUNK,
-            device: Device::Cpu,
+            ws: Workspace::default(),
             logits: Vec::with_capacity(vocab),
+            cache,
             prefixes: PrefixCache::new(true),
         }
     }
@@ -242,97 +412,92 @@ impl Engine {
         self.prefixes.len()
     }
 
-    /// Prefills `prompt` from the longest snapshot it starts with (learning a new one when
-    /// it shares a long enough start with a recent prompt); returns the last position's
-    /// logits and how many prompt tokens came from a snapshot.
-    fn prefill_prompt(&mut self, prompt: &[u32]) -> Result<(Tensor, usize), LlmError> {
-        match self.prefixes.plan(prompt, self.prefill_chunk) {
-            Plan::Restore { model, len } => {
-                self.model = *model;
-                Ok((self.prefill(&prompt[len..], len)?, len))
-            }
-            Plan::Learn { len } => {
-                self.model.clear_kv_cache();
-                self.prefill(&prompt[..len], 0)?;
-                self.prefixes.store(&prompt[..len], self.model.clone());
-                Ok((self.prefill(&prompt[len..], len)?, 0))
-            }
-            Plan::Plain => {
-                self.model.clear_kv_cache();
-                Ok((self.prefill(prompt, 0)?, 0))
-            }
-        }
-    }
-
     /// Prompt tokens per forward pass during prefill (default [`PREFILL_CHUNK`]).
     pub fn set_prefill_chunk(&mut self, n: usize) {
         self.prefill_chunk = n.max(1);
     }
 
-    /// Clears the KV cache: the next [`Engine::prefill`] must start at position 0.
+    /// Clears the cache of [`Engine::prefill`]: the next call must start at position 0.
     pub fn clear_kv_cache(&mut self) {
-        self.model.clear_kv_cache();
+        self.cache.clear();
     }
 
-    /// Runs `tokens` through the model from position `start_pos` (the KV cache must hold
-    /// exactly the `start_pos` tokens before them), in chunks; returns the last position's
-    /// logits, shape `(1, vocab)`.
-    pub fn prefill(&mut self, tokens: &[u32], start_pos: usize) -> Result<Tensor, LlmError> {
-        if start_pos + tokens.len() > self.context_len {
+    /// Runs `tokens` through the model from position `start_pos` (the cache of this API
+    /// must hold exactly the `start_pos` tokens before them), in chunks; returns the last
+    /// position's logits.
+    pub fn prefill(&mut self, tokens: &[u32], start_pos: usize) -> Result<&[f32], LlmError> {
+        if self.cache.len() != start_pos {
             return Err(LlmError::Model(format!(
-                "{} tokens from position {start_pos} exceed the context of {}",
+                "prefill from position {start_pos} with {} tokens cached",
+                self.cache.len()
+            )));
+        }
+        let mut cache = std::mem::take(&mut self.cache);
+        let r = self.prefill_into(&mut cache, tokens);
+        self.cache = cache;
+        r?;
+        Ok(&self.logits)
+    }
+
+    /// Runs `tokens` through the model after what `cache` holds, in chunks; leaves the last
+    /// position's logits in `self.logits`.
+    fn prefill_into(&mut self, cache: &mut KvCache, tokens: &[u32]) -> Result<(), LlmError> {
+        if tokens.is_empty() {
+            return Err(LlmError::Model("empty prompt".into()));
+        }
+        if cache.len() + tokens.len() > self.context_len {
+            return Err(LlmError::Model(format!(
+                "{} tokens from position {} exceed the context of {}",
                 tokens.len(),
+                cache.len(),
                 self.context_len
             )));
         }
-        // Chunks end at multiples of the chunk size (counted from position 0, not from
-        // `start_pos`): a prompt prefilled from a snapshot taken at such a boundary goes
-        // through exactly the same forward passes as when prefilled whole, so the numbers
-        // (and the tokens) are the same.
-        let mut last = None;
-        let mut pos = start_pos;
-        let mut rest = tokens;
-        while !rest.is_empty() {
-            let take = (self.prefill_chunk - pos % self.prefill_chunk).min(rest.len());
-            let (chunk, tail) = rest.split_at(take);
-            let input = Tensor::from_slice(chunk, (1, chunk.len()), &self.device)
-                .map_err(model_err("prompt tensor"))?;
-            last = Some(
-                self.model
-                    .forward(&input, pos)
-                    .map_err(model_err("forward pass over the prompt"))?,
-            );
-            pos += take;
-            rest = tail;
+        for chunk in tokens.chunks(self.prefill_chunk) {
+            self.model
+                .forward(
+                    &mut [Step {
+                        cache: &mut *cache,
+                        tokens: chunk,
+                    }],
+                    &mut self.ws,
+                    &mut self.logits,
+                )
+                .map_err(model_err("forward pass over the prompt"))?;
         }
-        last.ok_or_else(|| LlmError::Model("empty prompt".into()))
+        Ok(())
     }
 
-    /// Copies a `(1, vocab)` logits tensor into the reused buffer, without allocating.
-    fn load_logits(&mut self, t: &Tensor) -> Result<(), LlmError> {
-        let t = t.flatten_all().map_err(model_err("logits"))?;
-        {
-            let (storage, layout) = t.storage_and_layout();
-            if let (Storage::Cpu(cpu), Some((from, to))) = (&*storage, layout.contiguous_offsets())
-            {
-                if let Ok(s) = cpu.as_slice::<f32>() {
-                    self.logits.clear();
-                    self.logits.extend_from_slice(&s[from..to]);
-                    return self.check_vocab();
-                }
+    /// Prefills `prompt` into a new cache, from the longest snapshot it starts with
+    /// (learning a new one when it shares a long enough start with a recent prompt);
+    /// leaves the last position's logits in `self.logits`; says how many prompt tokens
+    /// came from a snapshot.
+    fn prefill_prompt(&mut self, prompt: &[u32]) -> Result<(KvCache, usize), LlmError> {
+        match self.prefixes.plan(prompt, 1) {
+            Plan::Restore { cache, len } => {
+                let mut cache = *cache;
+                self.prefill_into(&mut cache, &prompt[len..])?;
+                Ok((cache, len))
+            }
+            Plan::Learn { len } => {
+                let mut cache = self.model.new_cache();
+                self.prefill_into(&mut cache, &prompt[..len])?;
+                self.prefixes.store(&prompt[..len], cache.clone());
+                self.prefill_into(&mut cache, &prompt[len..])?;
+                Ok((cache, 0))
+            }
+            Plan::Plain => {
+                let mut cache = self.model.new_cache();
+                self.prefill_into(&mut cache, prompt)?;
+                Ok((cache, 0))
             }
         }
-        self.logits = t
-            .to_dtype(candle_core::DType::F32)
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(model_err("logits"))?;
-        self.check_vocab()
     }
 
-    fn check_vocab(&self) -> Result<(), LlmError> {
-        if self.logits.len() != self.tokenizer.vocab_size() {
+    fn check_vocab(&self, rows: usize) -> Result<(), LlmError> {
+        if self.logits.len() != rows * self.tokenizer.vocab_size() {
             return Err(LlmError::Model(format!(
-                "the model gives {} logits for a vocabulary of {} tokens",
+                "the model gives {} logits for {rows} x a vocabulary of {} tokens",
                 self.logits.len(),
                 self.tokenizer.vocab_size()
             )));
@@ -342,17 +507,18 @@ impl Engine {
 }
 
 impl Generate for Engine {
-    fn generate(
-        &mut self,
-        req: &GenerateRequest,
-        cancelled: &dyn Fn() -> bool,
-    ) -> Result<(Generation, Timings), LlmError> {
+    type Seq = Seq;
+
+    fn start(&mut self, req: &GenerateRequest) -> Result<Seq, LlmError> {
         let t0 = Instant::now();
-        let mut timings = Timings::default();
+        let mut timings = Timings {
+            batch: 1,
+            ..Timings::default()
+        };
         let prompt = self
             .template
             .encode(&self.tokenizer, &req.system, &req.user)?;
-        let mut sampler = Sampler::new(&req.sampling)?;
+        let sampler = Sampler::new(&req.sampling)?;
         let n_prompt = prompt.len();
         let wanted = req.sampling.max_new_tokens;
         let room = self.context_len.saturating_sub(n_prompt);
@@ -372,89 +538,117 @@ impl Generate for Engine {
                 "the context length caps this completion"
             );
         }
-        let mut constraint = constraint_for(req, &self.tokenizer, max_new);
+        let constraint = constraint_for(req, &self.tokenizer, max_new);
         timings.tokenize = t0.elapsed();
-        let generation = |text: String, completion: usize, finish: &str| Generation {
-            text,
-            prompt_tokens: u32::try_from(n_prompt).unwrap_or(u32::MAX),
-            completion_tokens: u32::try_from(completion).unwrap_or(u32::MAX),
-            finish_reason: finish.to_string(),
+        let mut seq = Seq {
+            cache: KvCache::default(),
+            sampler,
+            constraint,
+            generated: Vec::with_capacity(max_new),
+            n_prompt,
+            max_new,
+            stopped: false,
+            done: max_new == 0,
+            error: None,
+            timings,
+            decode_start: Instant::now(),
         };
-        if max_new == 0 {
-            return Ok((generation(String::new(), 0, "length"), timings));
+        if seq.done {
+            return Ok(seq);
         }
-
         let t1 = Instant::now();
-        let (logits, cached) = self.prefill_prompt(&prompt)?;
-        self.load_logits(&logits)?;
-        timings.prefill = t1.elapsed();
-        timings.cached_prompt_tokens = cached;
+        let (cache, cached) = self.prefill_prompt(&prompt)?;
+        self.check_vocab(1)?;
+        seq.cache = cache;
+        seq.timings.prefill = t1.elapsed();
+        seq.timings.cached_prompt_tokens = cached;
+        seq.decode_start = Instant::now();
+        seq.push(&mut self.logits, &self.tokenizer);
+        Ok(seq)
+    }
 
-        let t2 = Instant::now();
-        let mut generated: Vec<u32> = Vec::with_capacity(max_new);
-        let mut stopped = false;
-        loop {
-            if cancelled() {
-                return Err(LlmError::Model("cancelled: the caller went away".into()));
-            }
-            let ts = Instant::now();
-            let next = sampler.sample(&mut self.logits, &generated, constraint.as_deref_mut())?;
-            timings.sampling += ts.elapsed();
-            generated.push(next);
-            if let Some(c) = constraint.as_deref_mut() {
-                c.advance(next)
-                    .map_err(|e| LlmError::Model(format!("constraint: {e}")))?;
-            }
-            if self.tokenizer.is_end_of_turn(next) {
-                stopped = true;
-                break;
-            }
-            if generated.len() >= max_new {
-                break;
-            }
-            let pos = n_prompt + generated.len() - 1;
-            let input = Tensor::from_slice(&[next], (1, 1), &self.device)
-                .map_err(model_err("token tensor"))?;
-            let logits = self
-                .model
-                .forward(&input, pos)
-                .map_err(model_err("forward pass"))?;
-            self.load_logits(&logits)?;
+    fn step(&mut self, seqs: &mut [&mut Seq]) -> Result<(), LlmError> {
+        let mut live: Vec<&mut Seq> = seqs
+            .iter_mut()
+            .map(|s| &mut **s)
+            .filter(|s| !s.done)
+            .collect();
+        if live.is_empty() {
+            return Ok(());
         }
-        timings.decode = t2.elapsed();
+        let n = live.len();
+        {
+            let mut steps: Vec<Step<'_>> = live
+                .iter_mut()
+                .map(|s| {
+                    let s = &mut **s;
+                    let last = s.generated.len() - 1;
+                    Step {
+                        cache: &mut s.cache,
+                        tokens: &s.generated[last..],
+                    }
+                })
+                .collect();
+            self.model
+                .forward(&mut steps, &mut self.ws, &mut self.logits)
+                .map_err(model_err("forward pass"))?;
+        }
+        self.check_vocab(n)?;
+        let vocab = self.tokenizer.vocab_size();
+        for (s, logits) in live.into_iter().zip(self.logits.chunks_exact_mut(vocab)) {
+            s.timings.batch = s.timings.batch.max(n);
+            s.push(logits, &self.tokenizer);
+        }
+        Ok(())
+    }
 
-        let content = if stopped {
-            &generated[..generated.len() - 1]
+    fn is_done(&self, seq: &Seq) -> bool {
+        seq.done
+    }
+
+    fn finish(&mut self, seq: Seq) -> Result<(Generation, Timings), LlmError> {
+        let mut timings = seq.timings;
+        if let Some(e) = seq.error {
+            return Err(e);
+        }
+        if !seq.generated.is_empty() {
+            timings.decode = seq.decode_start.elapsed();
+        }
+        let content = if seq.stopped {
+            &seq.generated[..seq.generated.len() - 1]
         } else {
-            &generated[..]
+            &seq.generated[..]
         };
         let mut text = self.tokenizer.decode(content, true)?;
-        if !stopped {
+        if !seq.stopped {
             // Cut mid-character by the token cap: drop the incomplete tail.
             while text.ends_with('\u{FFFD}') {
                 text.pop();
             }
         }
-        let g = generation(
+        let g = Generation {
             text,
-            generated.len(),
-            if stopped { "stop" } else { "length" },
-        );
+            prompt_tokens: u32::try_from(seq.n_prompt).unwrap_or(u32::MAX),
+            completion_tokens: u32::try_from(seq.generated.len()).unwrap_or(u32::MAX),
+            finish_reason: if seq.stopped { "stop" } else { "length" }.to_string(),
+        };
         tracing::debug!(
             prompt_tokens = g.prompt_tokens,
             completion_tokens = g.completion_tokens,
             finish_reason = %g.finish_reason,
             prefill_ms = timings.prefill.as_millis() as u64,
             decode_ms = timings.decode.as_millis() as u64,
+            batch = timings.batch,
             "local generation done"
         );
         Ok((g, timings))
     }
 
     fn reset(&mut self) {
-        self.model.clear_kv_cache();
+        self.cache.clear();
         self.prefixes.clear();
         self.logits.clear();
+        self.ws = Workspace::default();
     }
 }
 
@@ -463,30 +657,81 @@ mod tests {
     use super::*;
     use crate::llm::Sampling;
 
-    /// Echoes the user message; panics on "panic", fails on "fail".
+    fn generation(text: String) -> (Generation, Timings) {
+        (
+            Generation {
+                text,
+                prompt_tokens: 1,
+                completion_tokens: 1,
+                finish_reason: "stop".into(),
+            },
+            Timings::default(),
+        )
+    }
+
+    /// Echoes the user message; panics on "panic", fails on "fail". A message "steps N"
+    /// needs N steps; a step with "boom" in the batch panics.
     struct Fake {
         resets: usize,
+        /// Sizes of the batches `step` was called with.
+        batches: Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    struct FakeSeq {
+        user: String,
+        left: usize,
+        batch: usize,
+    }
+
+    impl Fake {
+        fn new() -> Self {
+            Self {
+                resets: 0,
+                batches: Default::default(),
+            }
+        }
     }
 
     impl Generate for Fake {
-        fn generate(
-            &mut self,
-            req: &GenerateRequest,
-            _cancelled: &dyn Fn() -> bool,
-        ) -> Result<(Generation, Timings), LlmError> {
+        type Seq = FakeSeq;
+        fn start(&mut self, req: &GenerateRequest) -> Result<FakeSeq, LlmError> {
+            let left = req
+                .user
+                .strip_prefix("steps ")
+                .and_then(|n| n.split(' ').next()?.parse().ok())
+                .unwrap_or(0);
             match req.user.as_str() {
                 "panic" => panic!("boom"),
                 "fail" => Err(LlmError::Model("failed".into())),
-                u => Ok((
-                    Generation {
-                        text: format!("{u} (resets: {})", self.resets),
-                        prompt_tokens: 1,
-                        completion_tokens: 1,
-                        finish_reason: "stop".into(),
-                    },
-                    Timings::default(),
-                )),
+                u => Ok(FakeSeq {
+                    user: u.to_string(),
+                    left,
+                    batch: 0,
+                }),
             }
+        }
+        fn step(&mut self, seqs: &mut [&mut FakeSeq]) -> Result<(), LlmError> {
+            self.batches.lock().unwrap().push(seqs.len());
+            if seqs.iter().any(|s| s.user.contains("boom")) {
+                panic!("boom in a step");
+            }
+            let n = seqs.len();
+            for s in seqs.iter_mut() {
+                s.left -= 1;
+                s.batch = s.batch.max(n);
+            }
+            // Let the other requests arrive while these run.
+            std::thread::sleep(Duration::from_millis(2));
+            Ok(())
+        }
+        fn is_done(&self, seq: &FakeSeq) -> bool {
+            seq.left == 0
+        }
+        fn finish(&mut self, seq: FakeSeq) -> Result<(Generation, Timings), LlmError> {
+            Ok(generation(format!(
+                "{} (resets: {}, batch: {})",
+                seq.user, self.resets, seq.batch
+            )))
         }
         fn reset(&mut self) {
             self.resets += 1;
@@ -505,7 +750,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panic_becomes_a_model_error_and_the_runner_goes_on() {
-        let r = Runner::spawn(Fake { resets: 0 }, "test-runner").unwrap();
+        let r = Runner::spawn(Fake::new(), "test-runner", 1, 1).unwrap();
         let e = r.generate(req("panic")).await.unwrap_err();
         assert!(
             matches!(&e, LlmError::Model(m) if m.contains("boom")),
@@ -516,59 +761,66 @@ mod tests {
             Err(LlmError::Model(_))
         ));
         let (g, _) = r.generate(req("hello")).await.unwrap();
-        assert_eq!(g.text, "hello (resets: 1)");
+        assert_eq!(g.text, "hello (resets: 1, batch: 0)");
     }
 
     #[tokio::test]
     async fn a_cancelled_request_stops_and_frees_the_runner() {
-        struct Spin;
-        impl Generate for Spin {
-            fn generate(
-                &mut self,
-                req: &GenerateRequest,
-                cancelled: &dyn Fn() -> bool,
-            ) -> Result<(Generation, Timings), LlmError> {
-                let t = Instant::now();
-                while req.user == "spin" && t.elapsed() < Duration::from_secs(20) {
-                    if cancelled() {
-                        return Err(LlmError::Model("cancelled".into()));
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Ok((
-                    Generation {
-                        text: req.user.clone(),
-                        prompt_tokens: 0,
-                        completion_tokens: 0,
-                        finish_reason: "stop".into(),
-                    },
-                    Timings::default(),
-                ))
-            }
-            fn reset(&mut self) {}
-        }
-        let r = Runner::spawn(Spin, "test-runner").unwrap();
+        let r = Runner::spawn(Fake::new(), "test-runner", 1, 1).unwrap();
         let t = Instant::now();
+        // 10,000 steps of 2 ms: far longer than the test waits.
         let timed_out =
-            tokio::time::timeout(Duration::from_millis(50), r.generate(req("spin"))).await;
+            tokio::time::timeout(Duration::from_millis(50), r.generate(req("steps 10000"))).await;
         assert!(timed_out.is_err());
         let (g, _) = r.generate(req("next")).await.unwrap();
-        assert_eq!(g.text, "next");
+        assert_eq!(g.text, "next (resets: 0, batch: 0)");
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     }
 
     #[tokio::test]
-    async fn concurrent_requests_are_all_served() {
-        let r = Arc::new(Runner::spawn(Fake { resets: 0 }, "test-runner").unwrap());
+    async fn concurrent_requests_are_decoded_together_up_to_the_batch_size() {
+        let fake = Fake::new();
+        let batches = fake.batches.clone();
+        let r = Arc::new(Runner::spawn(fake, "test-runner", 3, 1).unwrap());
         let tasks: Vec<_> = (0..8)
             .map(|i| {
                 let r = r.clone();
-                tokio::spawn(async move { r.generate(req(&format!("r{i}"))).await })
+                tokio::spawn(async move { r.generate(req(&format!("steps 20 r{i}"))).await })
             })
             .collect();
         for (i, t) in tasks.into_iter().enumerate() {
             let (g, _) = t.await.unwrap().unwrap();
-            assert!(g.text.starts_with(&format!("r{i} ")));
+            assert!(g.text.starts_with(&format!("steps 20 r{i} ")), "{}", g.text);
         }
+        let batches = batches.lock().unwrap().clone();
+        assert_eq!(batches.iter().max(), Some(&3), "{batches:?}");
+        // 8 x 20 sequence-steps, in steps of at most 3.
+        assert_eq!(batches.iter().sum::<usize>(), 160);
+        assert!(batches.len() < 100, "{}", batches.len());
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_a_batched_step_fails_that_batch_only() {
+        let r = Arc::new(Runner::spawn(Fake::new(), "test-runner", 4, 1).unwrap());
+        let a = {
+            let r = r.clone();
+            tokio::spawn(async move { r.generate(req("steps 50 a")).await })
+        };
+        let b = {
+            let r = r.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                r.generate(req("steps 5 boom")).await
+            })
+        };
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        assert!(
+            matches!(&b, Err(LlmError::Model(m)) if m.contains("boom")),
+            "{b:?}"
+        );
+        // `a` was in the same step: it fails with the same error instead of hanging.
+        assert!(a.is_err(), "{a:?}");
+        let (g, _) = r.generate(req("after")).await.unwrap();
+        assert_eq!(g.text, "after (resets: 1, batch: 0)");
     }
 }
