@@ -208,7 +208,7 @@ impl Model {
         let ffn = meta_u32(ct, "llama.feed_forward_length")?;
         let eps = meta_f32(ct, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5);
         let rope_base = meta_f32(ct, "llama.rope.freq_base").unwrap_or(10_000.0);
-        if ct.metadata.get("llama.expert_count").is_some() {
+        if ct.metadata.contains_key("llama.expert_count") {
             return Err(ModelError::File(
                 "mixture-of-experts models are not supported".into(),
             ));
@@ -499,6 +499,13 @@ impl Model {
     }
 
     /// Causal attention of every row's query heads over its own sequence's cache.
+    ///
+    /// Work is split by (sequence, kv head, block of rows): the query heads that share a
+    /// kv head, for every row of the block, are walked over the keys together, so each key
+    /// and value row is read once per block instead of once per query (grouped-query
+    /// attention reads the cache `n_head / n_kv_head` times less). Each query's scores,
+    /// softmax and weighted sum are computed in the same order whatever else is in its
+    /// block, so results do not depend on batching or chunking.
     fn attention(
         &self,
         q: &[f32],
@@ -506,40 +513,102 @@ impl Model {
         caches: &[(&[f32], &[f32])],
         out: &mut [f32],
     ) {
+        /// Rows per work item.
+        const BLOCK: usize = 16;
         let c = &self.cfg;
-        let (hd, nh, kvd) = (c.head_dim, c.n_head, c.n_kv_head * c.head_dim);
+        let (hd, dim, kvd) = (c.head_dim, c.dim, c.n_kv_head * c.head_dim);
         let group = c.n_head / c.n_kv_head;
         let scale = 1.0 / (hd as f32).sqrt();
-        let work = |(item, dst): (usize, &mut [f32])| {
-            let (i, head) = (item / nh, item % nh);
-            let (s, pos) = rows[i];
-            let (kc, vc) = caches[s];
-            let off = (head / group) * hd;
-            let qh = &q[i * c.dim + head * hd..i * c.dim + (head + 1) * hd];
-            let mut scores: Vec<f32> = (0..=pos)
-                .map(|j| dot_f32_1(qh, &kc[j * kvd + off..j * kvd + off + hd]) * scale)
-                .collect();
-            let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            dst.fill(0.0);
-            for (j, &p) in scores.iter().enumerate() {
-                let w = p / sum;
-                let vj = &vc[j * kvd + off..j * kvd + off + hd];
-                for (d, &vv) in dst.iter_mut().zip(vj) {
-                    *d += w * vv;
+        // (step, kv head, first row, end row); a step's rows are contiguous.
+        let mut items = Vec::new();
+        let mut r = 0;
+        while r < rows.len() {
+            let s = rows[r].0;
+            let end = rows[r..].iter().take_while(|x| x.0 == s).count() + r;
+            for a in (r..end).step_by(BLOCK) {
+                for g in 0..c.n_kv_head {
+                    items.push((s, g, a, (a + BLOCK).min(end)));
                 }
             }
+            r = end;
+        }
+        let work = |&(s, g, a, b): &(usize, usize, usize, usize)| -> Vec<f32> {
+            let (kc, vc) = caches[s];
+            let off = g * hd;
+            // Queries: (row, head) for the heads of kv head g.
+            let queries: Vec<(usize, usize)> = (a..b)
+                .flat_map(|i| (g * group..(g + 1) * group).map(move |h| (i, h)))
+                .collect();
+            let len = rows[b - 1].1 + 1;
+            let mut scores = vec![0f32; queries.len() * len];
+            for j in 0..len {
+                let kj = &kc[j * kvd + off..j * kvd + off + hd];
+                for (qi, &(i, h)) in queries.iter().enumerate() {
+                    if j <= rows[i].1 {
+                        let qh = &q[i * dim + h * hd..i * dim + (h + 1) * hd];
+                        scores[qi * len + j] = dot_head(qh, kj) * scale;
+                    }
+                }
+            }
+            let mut sums = vec![0f32; queries.len()];
+            for (qi, &(i, _)) in queries.iter().enumerate() {
+                let sc = &mut scores[qi * len..qi * len + rows[i].1 + 1];
+                let max = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let mut sum = 0f32;
+                for x in sc.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                sums[qi] = sum;
+            }
+            let mut acc = vec![0f32; queries.len() * hd];
+            for j in 0..len {
+                let vj = &vc[j * kvd + off..j * kvd + off + hd];
+                for (qi, &(i, _)) in queries.iter().enumerate() {
+                    if j <= rows[i].1 {
+                        let w = scores[qi * len + j] / sums[qi];
+                        for (d, &vv) in acc[qi * hd..(qi + 1) * hd].iter_mut().zip(vj) {
+                            *d += w * vv;
+                        }
+                    }
+                }
+            }
+            acc
         };
         let total: usize = rows.iter().map(|&(_, p)| p + 1).sum();
-        if total * nh >= 2048 {
-            out.par_chunks_mut(hd).enumerate().for_each(work);
+        let results: Vec<Vec<f32>> = if total * c.n_head >= 2048 && items.len() > 1 {
+            items.par_iter().map(work).collect()
         } else {
-            out.chunks_mut(hd).enumerate().for_each(work);
+            items.iter().map(work).collect()
+        };
+        for (&(_, g, a, b), acc) in items.iter().zip(&results) {
+            let mut qi = 0;
+            for i in a..b {
+                for h in g * group..(g + 1) * group {
+                    out[i * dim + h * hd..i * dim + (h + 1) * hd]
+                        .copy_from_slice(&acc[qi * hd..(qi + 1) * hd]);
+                    qi += 1;
+                }
+            }
         }
+    }
+}
+
+/// A dot product of two head vectors; 64-wide heads (the common size) take a fully
+/// unrolled path. Attention always uses this one function, so its results do not depend
+/// on which sequences share a pass.
+fn dot_head(a: &[f32], b: &[f32]) -> f32 {
+    match (<&[f32; 64]>::try_from(a), <&[f32; 64]>::try_from(b)) {
+        (Ok(a), Ok(b)) => {
+            let mut acc = [0f32; 8];
+            for c in 0..8 {
+                for l in 0..8 {
+                    acc[l] += a[c * 8 + l] * b[c * 8 + l];
+                }
+            }
+            acc.iter().sum()
+        }
+        _ => dot_f32_1(a, b),
     }
 }
 
