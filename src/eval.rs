@@ -95,6 +95,8 @@ pub struct EvalReport {
     /// Drafts generated at once (for a local model: decoded together).
     pub concurrency: usize,
     pub enricher: ModeReport,
+    /// The full pipeline without grounded decoding (`--ungrounded`).
+    pub ungrounded: Option<ModeReport>,
     pub baseline: Option<ModeReport>,
 }
 
@@ -296,6 +298,7 @@ pub fn markdown(r: &EvalReport) -> String {
     out.push_str("| channel | mode | ready without edits | ready fields written by the model | drafts with ungrounded claims (first answer -> final) | model calls per draft | latency p50 / p90 |\n");
     out.push_str("| --- | --- | --- | --- | --- | --- | --- |\n");
     let modes: Vec<&ModeReport> = std::iter::once(&r.enricher)
+        .chain(r.ungrounded.iter())
         .chain(r.baseline.iter())
         .collect();
     for ch in &r.channels {
@@ -468,6 +471,7 @@ mod tests {
             model: "stub".into(),
             concurrency: 1,
             enricher: r,
+            ungrounded: None,
             baseline: None,
         });
         assert!(md.contains("| seo | enricher | 75% (3/4) | 83% |"), "{md}");

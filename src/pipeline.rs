@@ -87,6 +87,9 @@ pub enum Mode {
     /// A plain prompt, no structure, no repair: what a model does when simply asked
     /// (`enricher eval --baseline`). Checks still run, to measure.
     Baseline,
+    /// Like `Full` without grounded decoding (the local model may write any digits), to
+    /// measure what grounded decoding changes (`enricher eval --ungrounded`).
+    Ungrounded,
 }
 
 /// Runs the enrichment of one (spec, channel).
@@ -116,7 +119,7 @@ impl Pipeline {
         feedback: Option<&str>,
         mode: Mode,
     ) -> Result<Outcome, PipelineError> {
-        let full = mode == Mode::Full;
+        let full = mode != Mode::Baseline;
         let channel = self.channels.get(channel_name)?;
         let provider_name = self.settings.provider_for(channel_name).to_string();
         let provider = self.providers.for_channel(channel_name)?;
@@ -159,7 +162,7 @@ impl Pipeline {
                     user: prompt.user,
                     sampling: s,
                     schema: full.then(|| schema.clone()),
-                    allowed_numbers: full.then(|| checks::spec_numbers(spec)),
+                    allowed_numbers: (mode == Mode::Full).then(|| checks::spec_numbers(spec)),
                 })
                 .await
                 .inspect_err(|e| {

@@ -32,6 +32,10 @@ pub struct EvalArgs {
     /// Also run the same model with a plain prompt and no structure, checks or repair.
     #[arg(long)]
     pub baseline: bool,
+    /// Also run without grounded decoding (the local model may write any digits), to show
+    /// what it changes in the grounding errors of first answers.
+    #[arg(long)]
+    pub ungrounded: bool,
     /// Drafts generated at once. With a local model they are decoded together (batched);
     /// the figure sets the local provider's `concurrency` for this run.
     #[arg(long, default_value_t = 1)]
@@ -73,6 +77,9 @@ pub async fn run(mut settings: Settings, args: EvalArgs) -> anyhow::Result<ExitC
     let provider = app.settings.provider_for(&channels[0]).to_string();
     let info = pipeline.providers.for_channel(&channels[0])?.info();
     let mut modes = vec![(Mode::Full, "enricher")];
+    if args.ungrounded {
+        modes.push((Mode::Ungrounded, "ungrounded"));
+    }
     if args.baseline {
         modes.push((Mode::Baseline, "baseline"));
     }
@@ -98,7 +105,17 @@ pub async fn run(mut settings: Settings, args: EvalArgs) -> anyhow::Result<ExitC
         pb.finish();
         reports.push(eval::summarize(name, &samples, wall));
     }
-    let mut it = reports.into_iter();
+    let mut take = |name: &str| {
+        reports
+            .iter()
+            .position(|r| r.mode == name)
+            .map(|i| reports.remove(i))
+    };
+    let (enricher, ungrounded, baseline) = (
+        take("enricher").context("no report")?,
+        take("ungrounded"),
+        take("baseline"),
+    );
     let report = EvalReport {
         input: args.input.display().to_string(),
         products: specs.len(),
@@ -106,8 +123,9 @@ pub async fn run(mut settings: Settings, args: EvalArgs) -> anyhow::Result<ExitC
         provider,
         model: info.model,
         concurrency,
-        enricher: it.next().context("no report")?,
-        baseline: it.next(),
+        enricher,
+        ungrounded,
+        baseline,
     };
     let md = eval::markdown(&report);
     match &args.report {
