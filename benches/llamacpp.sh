@@ -36,7 +36,7 @@ import json, sys
 e, l = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
 print(f"| engine | prompt tokens | prompt tok/s | gen tok/s | first token ms |")
 print(f"| --- | --- | --- | --- | --- |")
-print(f"| enricher (candle) | {e['prompt_tokens']} | {e['prompt_tokens_per_s']:.1f} | {e['gen_tokens_per_s']:.1f} | {e['time_to_first_token_ms']:.0f} |")
+print(f"| enricher | {e['prompt_tokens']} | {e['prompt_tokens_per_s']:.1f} | {e['gen_tokens_per_s']:.1f} | {e['time_to_first_token_ms']:.0f} |")
 print(f"| llama.cpp | {l['prompt_tokens']} | {l['prompt_tokens_per_s']:.1f} | {l['gen_tokens_per_s']:.1f} | {l['time_to_first_token_ms']:.0f} |")
 print(f"| ratio enricher/llama.cpp | | {e['prompt_tokens_per_s']/l['prompt_tokens_per_s']:.2f}x | {e['gen_tokens_per_s']/l['gen_tokens_per_s']:.2f}x | |")
 print(f"\nenricher peak RSS {e['peak_rss_mib']:.0f} MiB with a {e['model_file_mib']:.0f} MiB model file")

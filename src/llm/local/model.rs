@@ -14,6 +14,7 @@
 //! alone, in a batch, prefilled in one chunk or many, or restored from a prefix snapshot.
 
 use candle_core::{quantized::gguf_file, Device};
+use half::f16;
 use rayon::prelude::*;
 
 use super::kernels::{dot_f32_1, KernelError, Scratch, Weights};
@@ -86,11 +87,14 @@ impl std::fmt::Debug for Model {
     }
 }
 
-/// Keys and values of one sequence, per layer: `len` rows of `n_kv_head * head_dim`.
+/// Keys and values of one sequence, per layer and kv head (index `layer * n_kv_head +
+/// head`): `len` rows of `head_dim` values each, in f16 (as llama.cpp keeps them). Decoding
+/// reads the whole cache once per token, so its size is bandwidth: f16 halves it, and a
+/// head's rows side by side are read as one stream.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
     len: usize,
 }
 
@@ -116,7 +120,7 @@ impl KvCache {
         self.k
             .iter()
             .chain(&self.v)
-            .map(|l| l.len() * std::mem::size_of::<f32>())
+            .map(|l| l.len() * std::mem::size_of::<f16>())
             .sum()
     }
 }
@@ -326,9 +330,10 @@ impl Model {
 
     /// An empty cache for a new sequence.
     pub fn new_cache(&self) -> KvCache {
+        let n = self.cfg.n_layer * self.cfg.n_kv_head;
         KvCache {
-            k: vec![Vec::new(); self.cfg.n_layer],
-            v: vec![Vec::new(); self.cfg.n_layer],
+            k: vec![Vec::new(); n],
+            v: vec![Vec::new(); n],
             len: 0,
         }
     }
@@ -354,7 +359,7 @@ impl Model {
                     context: c.context,
                 });
             }
-            if st.cache.k.len() != c.n_layer {
+            if st.cache.k.len() != c.n_layer * c.n_kv_head {
                 *st.cache = self.new_cache();
             }
             for (t, &tok) in st.tokens.iter().enumerate() {
@@ -406,7 +411,7 @@ impl Model {
             // Leave every cache as it was.
             for (st, &start) in steps.iter_mut().zip(&starts) {
                 for l in st.cache.k.iter_mut().chain(st.cache.v.iter_mut()) {
-                    l.truncate(start * kvd);
+                    l.truncate(start * c.head_dim);
                 }
             }
             return Err(e);
@@ -457,17 +462,26 @@ impl Model {
                 self.rope(&mut q[i * dim..(i + 1) * dim], pos);
                 self.rope(&mut k[i * kvd..(i + 1) * kvd], pos);
             }
-            // Append this layer's keys and values to each sequence's cache.
+            // Append this layer's keys and values to each sequence's cache, per kv head.
+            let (hd, nkv) = (c.head_dim, c.n_kv_head);
             let mut r = 0;
             for st in steps.iter_mut() {
-                let n = st.tokens.len();
-                st.cache.k[li].extend_from_slice(&k[r * kvd..(r + n) * kvd]);
-                st.cache.v[li].extend_from_slice(&v[r * kvd..(r + n) * kvd]);
-                r += n;
+                for t in r..r + st.tokens.len() {
+                    for g in 0..nkv {
+                        let at = t * kvd + g * hd;
+                        let i = li * nkv + g;
+                        st.cache.k[i].extend(k[at..at + hd].iter().map(|&x| f16::from_f32(x)));
+                        st.cache.v[i].extend(v[at..at + hd].iter().map(|&x| f16::from_f32(x)));
+                    }
+                }
+                r += st.tokens.len();
             }
-            let caches: Vec<(&[f32], &[f32])> = steps
+            let caches: Vec<(&[Vec<f16>], &[Vec<f16>])> = steps
                 .iter()
-                .map(|st| (st.cache.k[li].as_slice(), st.cache.v[li].as_slice()))
+                .map(|st| {
+                    let heads = li * nkv..(li + 1) * nkv;
+                    (&st.cache.k[heads.clone()], &st.cache.v[heads])
+                })
                 .collect();
             self.attention(q, rows, &caches, att);
             layer.wo.matmul(att, m, o, scratch)?;
@@ -500,77 +514,56 @@ impl Model {
 
     /// Causal attention of every row's query heads over its own sequence's cache.
     ///
-    /// Work is split by (sequence, kv head, block of rows): the query heads that share a
-    /// kv head, for every row of the block, are walked over the keys together, so each key
-    /// and value row is read once per block instead of once per query (grouped-query
-    /// attention reads the cache `n_head / n_kv_head` times less). Each query's scores,
-    /// softmax and weighted sum are computed in the same order whatever else is in its
-    /// block, so results do not depend on batching or chunking.
+    /// Work is split by (sequence, query head, block of rows), so even one decoding row
+    /// keeps every core busy. Each query's scores, softmax and weighted sum are computed by
+    /// the same instructions whatever else is in its block or pass ([`head`]), so results
+    /// do not depend on batching or chunking.
     fn attention(
         &self,
         q: &[f32],
         rows: &[(usize, usize)],
-        caches: &[(&[f32], &[f32])],
+        caches: &[(&[Vec<f16>], &[Vec<f16>])],
         out: &mut [f32],
     ) {
         /// Rows per work item.
         const BLOCK: usize = 16;
         let c = &self.cfg;
-        let (hd, dim, kvd) = (c.head_dim, c.dim, c.n_kv_head * c.head_dim);
+        let (hd, dim) = (c.head_dim, c.dim);
         let group = c.n_head / c.n_kv_head;
         let scale = 1.0 / (hd as f32).sqrt();
-        // (step, kv head, first row, end row); a step's rows are contiguous.
+        // (step, query head, first row, end row); a step's rows are contiguous.
         let mut items = Vec::new();
         let mut r = 0;
         while r < rows.len() {
             let s = rows[r].0;
             let end = rows[r..].iter().take_while(|x| x.0 == s).count() + r;
             for a in (r..end).step_by(BLOCK) {
-                for g in 0..c.n_kv_head {
-                    items.push((s, g, a, (a + BLOCK).min(end)));
+                for h in 0..c.n_head {
+                    items.push((s, h, a, (a + BLOCK).min(end)));
                 }
             }
             r = end;
         }
-        let work = |&(s, g, a, b): &(usize, usize, usize, usize)| -> Vec<f32> {
+        let work = |&(s, h, a, b): &(usize, usize, usize, usize)| -> Vec<f32> {
             let (kc, vc) = caches[s];
-            let off = g * hd;
-            // Queries: (row, head) for the heads of kv head g.
-            let queries: Vec<(usize, usize)> = (a..b)
-                .flat_map(|i| (g * group..(g + 1) * group).map(move |h| (i, h)))
-                .collect();
-            let len = rows[b - 1].1 + 1;
-            let mut scores = vec![0f32; queries.len() * len];
-            for j in 0..len {
-                let kj = &kc[j * kvd + off..j * kvd + off + hd];
-                for (qi, &(i, h)) in queries.iter().enumerate() {
-                    if j <= rows[i].1 {
-                        let qh = &q[i * dim + h * hd..i * dim + (h + 1) * hd];
-                        scores[qi * len + j] = dot_head(qh, kj) * scale;
-                    }
-                }
-            }
-            let mut sums = vec![0f32; queries.len()];
-            for (qi, &(i, _)) in queries.iter().enumerate() {
-                let sc = &mut scores[qi * len..qi * len + rows[i].1 + 1];
-                let max = sc.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let (kh, vh) = (&kc[h / group], &vc[h / group]);
+            let mut scores = vec![0f32; rows[b - 1].1 + 1];
+            let mut acc = vec![0f32; (b - a) * hd];
+            for (i, o) in (a..b).zip(acc.chunks_exact_mut(hd)) {
+                let n = rows[i].1 + 1;
+                let qh = &q[i * dim + h * hd..i * dim + (h + 1) * hd];
+                let sc = &mut scores[..n];
+                head::scores(qh, &kh[..n * hd], scale, sc);
+                let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                 let mut sum = 0f32;
                 for x in sc.iter_mut() {
                     *x = (*x - max).exp();
                     sum += *x;
                 }
-                sums[qi] = sum;
-            }
-            let mut acc = vec![0f32; queries.len() * hd];
-            for j in 0..len {
-                let vj = &vc[j * kvd + off..j * kvd + off + hd];
-                for (qi, &(i, _)) in queries.iter().enumerate() {
-                    if j <= rows[i].1 {
-                        let w = scores[qi * len + j] / sums[qi];
-                        for (d, &vv) in acc[qi * hd..(qi + 1) * hd].iter_mut().zip(vj) {
-                            *d += w * vv;
-                        }
-                    }
+                head::weighted_sum(sc, &vh[..n * hd], o);
+                let inv = 1.0 / sum;
+                for x in o.iter_mut() {
+                    *x *= inv;
                 }
             }
             acc
@@ -581,34 +574,146 @@ impl Model {
         } else {
             items.iter().map(work).collect()
         };
-        for (&(_, g, a, b), acc) in items.iter().zip(&results) {
-            let mut qi = 0;
-            for i in a..b {
-                for h in g * group..(g + 1) * group {
-                    out[i * dim + h * hd..i * dim + (h + 1) * hd]
-                        .copy_from_slice(&acc[qi * hd..(qi + 1) * hd]);
-                    qi += 1;
-                }
+        for (&(_, h, a, _), acc) in items.iter().zip(&results) {
+            for (i, o) in (a..).zip(acc.chunks_exact(hd)) {
+                out[i * dim + h * hd..i * dim + (h + 1) * hd].copy_from_slice(o);
             }
         }
     }
 }
 
-/// A dot product of two head vectors; 64-wide heads (the common size) take a fully
-/// unrolled path. Attention always uses this one function, so its results do not depend
-/// on which sequences share a pass.
-fn dot_head(a: &[f32], b: &[f32]) -> f32 {
-    match (<&[f32; 64]>::try_from(a), <&[f32; 64]>::try_from(b)) {
-        (Ok(a), Ok(b)) => {
+/// One query head against a head's f16 keys and values. Every key's score and every
+/// value's weight go through the same instructions whatever the number of keys, so a
+/// query's result depends only on the query and the cache.
+mod head {
+    use half::f16;
+
+    /// `out[j] = dot(q, k_j) * scale` for the `out.len()` rows of `k` (rows of `q.len()`).
+    pub fn scores(q: &[f32], k: &[f16], scale: f32, out: &mut [f32]) {
+        debug_assert_eq!(k.len(), out.len() * q.len());
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma",
+            target_feature = "f16c"
+        ))]
+        if q.len() == 64 {
+            // SAFETY: the CPU features are enabled at compile time (cfg); `k` holds
+            // `out.len()` rows of 64 (asserted above in debug, and by the slicing callers do).
+            assert_eq!(k.len(), out.len() * 64);
+            unsafe { avx2::scores64(q, k, scale, out) };
+            return;
+        }
+        let d = q.len();
+        for (o, kj) in out.iter_mut().zip(k.chunks_exact(d)) {
             let mut acc = [0f32; 8];
-            for c in 0..8 {
-                for l in 0..8 {
-                    acc[l] += a[c * 8 + l] * b[c * 8 + l];
+            for (qc, kc) in q.chunks(8).zip(kj.chunks(8)) {
+                for (l, (&a, &b)) in qc.iter().zip(kc).enumerate() {
+                    acc[l] = a.mul_add(b.to_f32(), acc[l]);
                 }
             }
-            acc.iter().sum()
+            *o = ((acc[0] + acc[1]) + (acc[2] + acc[3]) + ((acc[4] + acc[5]) + (acc[6] + acc[7])))
+                * scale;
         }
-        _ => dot_f32_1(a, b),
+    }
+
+    /// `out = sum_j w[j] * v_j` over the `w.len()` rows of `v` (rows of `out.len()`).
+    pub fn weighted_sum(w: &[f32], v: &[f16], out: &mut [f32]) {
+        debug_assert_eq!(v.len(), w.len() * out.len());
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma",
+            target_feature = "f16c"
+        ))]
+        if out.len() == 64 {
+            // SAFETY: as for `scores`.
+            assert_eq!(v.len(), w.len() * 64);
+            unsafe { avx2::weighted_sum64(w, v, out) };
+            return;
+        }
+        out.fill(0.0);
+        for (&wj, vj) in w.iter().zip(v.chunks_exact(out.len())) {
+            for (o, &x) in out.iter_mut().zip(vj) {
+                *o = wj.mul_add(x.to_f32(), *o);
+            }
+        }
+    }
+
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    mod avx2 {
+        use half::f16;
+        use std::arch::x86_64::*;
+
+        #[inline(always)]
+        unsafe fn load8(p: *const f16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+        }
+
+        /// The sum of the eight lanes as ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)).
+        #[inline(always)]
+        unsafe fn hsum(v: __m256) -> f32 {
+            let lo = _mm256_castps256_ps128(v);
+            let hi = _mm256_extractf128_ps(v, 1);
+            let lo = _mm_hadd_ps(lo, lo); // l0+l1, l2+l3
+            let hi = _mm_hadd_ps(hi, hi); // l4+l5, l6+l7
+            let lo = _mm_hadd_ps(lo, lo);
+            let hi = _mm_hadd_ps(hi, hi);
+            _mm_cvtss_f32(_mm_add_ss(lo, hi))
+        }
+
+        /// One key: eight lanes accumulated over the eight 8-wide chunks, in order.
+        #[inline(always)]
+        unsafe fn dot64(qv: &[__m256; 8], k: *const f16) -> __m256 {
+            let mut acc = _mm256_mul_ps(qv[0], load8(k));
+            for (c, qc) in qv.iter().enumerate().skip(1) {
+                acc = _mm256_fmadd_ps(*qc, load8(k.add(c * 8)), acc);
+            }
+            acc
+        }
+
+        pub unsafe fn scores64(q: &[f32], k: &[f16], scale: f32, out: &mut [f32]) {
+            let qv: [__m256; 8] = std::array::from_fn(|c| _mm256_loadu_ps(q.as_ptr().add(c * 8)));
+            let kp = k.as_ptr();
+            let n = out.len();
+            let mut j = 0;
+            // Four keys per round for instruction-level parallelism; each key's lanes are
+            // computed and summed exactly as in the one-key tail.
+            while j + 4 <= n {
+                let a0 = dot64(&qv, kp.add(j * 64));
+                let a1 = dot64(&qv, kp.add((j + 1) * 64));
+                let a2 = dot64(&qv, kp.add((j + 2) * 64));
+                let a3 = dot64(&qv, kp.add((j + 3) * 64));
+                out[j] = hsum(a0) * scale;
+                out[j + 1] = hsum(a1) * scale;
+                out[j + 2] = hsum(a2) * scale;
+                out[j + 3] = hsum(a3) * scale;
+                j += 4;
+            }
+            while j < n {
+                out[j] = hsum(dot64(&qv, kp.add(j * 64))) * scale;
+                j += 1;
+            }
+        }
+
+        pub unsafe fn weighted_sum64(w: &[f32], v: &[f16], out: &mut [f32]) {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let vp = v.as_ptr();
+            for (j, &wj) in w.iter().enumerate() {
+                let wv = _mm256_set1_ps(wj);
+                for (c, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(wv, load8(vp.add(j * 64 + c * 8)), *a);
+                }
+            }
+            for (c, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(c * 8), *a);
+            }
+        }
     }
 }
 
@@ -626,5 +731,58 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 fn add(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::head;
+    use half::f16;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(7);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn head_scores_and_weighted_sum_match_a_plain_loop_and_do_not_depend_on_length() {
+        for d in [64, 24] {
+            let n = 37;
+            let q = values(d, 1);
+            let k: Vec<f16> = values(n * d, 2).into_iter().map(f16::from_f32).collect();
+            let v: Vec<f16> = values(n * d, 3).into_iter().map(f16::from_f32).collect();
+            let mut s = vec![0f32; n];
+            head::scores(&q, &k, 0.125, &mut s);
+            for j in 0..n {
+                let want: f64 = (0..d)
+                    .map(|c| f64::from(q[c]) * f64::from(k[j * d + c].to_f32()))
+                    .sum::<f64>()
+                    * 0.125;
+                assert!((f64::from(s[j]) - want).abs() < 1e-4, "d {d} key {j}");
+                // The same key scored alone (or as part of a shorter cache) gives the same bits.
+                let mut one = [0f32; 1];
+                head::scores(&q, &k[j * d..(j + 1) * d], 0.125, &mut one);
+                assert_eq!(one[0].to_bits(), s[j].to_bits(), "d {d} key {j} alone");
+                let mut prefix = vec![0f32; j + 1];
+                head::scores(&q, &k[..(j + 1) * d], 0.125, &mut prefix);
+                assert_eq!(prefix[j].to_bits(), s[j].to_bits(), "d {d} prefix {j}");
+            }
+            let w = values(n, 4);
+            let mut out = vec![0f32; d];
+            head::weighted_sum(&w, &v, &mut out);
+            for c in 0..d {
+                let want: f64 = (0..n)
+                    .map(|j| f64::from(w[j]) * f64::from(v[j * d + c].to_f32()))
+                    .sum();
+                assert!((f64::from(out[c]) - want).abs() < 1e-4, "d {d} lane {c}");
+            }
+        }
     }
 }

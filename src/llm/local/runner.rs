@@ -2,18 +2,19 @@
 //!
 //! [`Runner`] owns a [`Generate`] implementation (the real one is [`Engine`]) on a dedicated
 //! OS thread and serves requests from a channel. It keeps up to `max_batch` generations in
-//! flight: a new request is started (prompt prefilled, first token chosen) as soon as a
-//! slot is free, and then every in-flight generation advances by one token per
-//! [`Generate::step`] — one forward pass for all of them, so the weights are read once per
-//! step instead of once per sequence (continuous batching). Each request carries a oneshot
+//! flight: a new request joins as soon as a slot is free, and then every in-flight
+//! generation advances per [`Generate::step`] — by one token, or by the next chunk of its
+//! prompt — in one forward pass for all of them, so the weights are read once per step
+//! instead of once per sequence, and a long prompt does not stall the others' decoding
+//! (continuous batching with chunked prefill). Each request carries a oneshot
 //! sender for its answer. A panic inside a generation is caught, turned into
 //! [`LlmError::Model`] for the requests it touched, and the engine is reset, so the next
 //! request is served normally. A request whose caller has gone away (timeout, cancelled
 //! task) is skipped, or dropped at the next step.
 //!
 //! [`Engine`] is the candle-free llama of [`super::model`]: chat template -> prompt ids ->
-//! prefill (from the longest shared-prefix snapshot, [`super::prefix`]) -> sample on the
-//! last position's logits -> one token per step, until end of turn, `max_new_tokens` or
+//! prefill in chunks (from the longest shared-prefix snapshot, [`super::prefix`]) -> sample
+//! on the last position's logits -> one token per step, until end of turn, `max_new_tokens` or
 //! the context length. A request with a schema is decoded under a [`JsonConstraint`].
 //! Because the model computes each sequence's numbers independently of the others, a
 //! sequence's tokens are the same alone, in a batch, or restored from a snapshot.
@@ -40,6 +41,11 @@ use crate::llm::{GenerateRequest, Generation, LlmError};
 /// one pass; the matmuls read the weights once per chunk, so larger chunks prefill faster
 /// up to the point where the activations stop fitting in cache (`enricher bench local`).
 pub const PREFILL_CHUNK: usize = 128;
+
+/// Prompt tokens per forward pass while other sequences are decoding: small enough that
+/// they get a token every few tens of milliseconds, large enough to keep the pass
+/// compute-bound.
+pub const MIXED_PREFILL_CHUNK: usize = 32;
 
 /// A prompt must leave room for at least this many new tokens (or `max_new_tokens` when
 /// smaller), else the request is rejected rather than answered with a stub.
@@ -80,11 +86,13 @@ pub trait Generate: Send + 'static {
     /// One generation in progress.
     type Seq: Send;
 
-    /// Starts a generation: the prompt is read and the first token chosen (which may
-    /// already finish it).
+    /// Starts a generation (which may already be done, e.g. with nothing to generate).
+    /// The work is done by [`Generate::step`], so a new request costs nothing until the
+    /// next pass.
     fn start(&mut self, req: &GenerateRequest) -> Result<Self::Seq, LlmError>;
 
-    /// Advances every sequence that is not done by one token, together.
+    /// Advances every sequence that is not done, together: by one token, or by the next
+    /// part of its prompt.
     fn step(&mut self, seqs: &mut [&mut Self::Seq]) -> Result<(), LlmError>;
 
     /// Whether the sequence has its answer (or failed).
@@ -331,7 +339,12 @@ pub struct Engine {
 
 /// A generation in progress on an [`Engine`].
 pub struct Seq {
+    /// The prompt's ids; `cache` holds the first `cache.len()` of them while prefilling.
+    prompt: Vec<u32>,
     cache: KvCache,
+    /// Store a snapshot of the cache once it holds this many prompt tokens (a shared
+    /// prefix being learnt).
+    learn: Option<usize>,
     sampler: Sampler,
     constraint: Option<Box<dyn LogitsConstraint>>,
     generated: Vec<u32>,
@@ -341,6 +354,7 @@ pub struct Seq {
     done: bool,
     error: Option<LlmError>,
     timings: Timings,
+    started: Instant,
     decode_start: Instant,
 }
 
@@ -373,6 +387,11 @@ impl Seq {
     fn fail(&mut self, e: LlmError) {
         self.error = Some(e);
         self.done = true;
+    }
+
+    /// Whether prompt tokens are still to be run through the model.
+    fn prefilling(&self) -> bool {
+        self.generated.is_empty()
     }
 }
 
@@ -468,32 +487,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Prefills `prompt` into a new cache, from the longest snapshot it starts with
-    /// (learning a new one when it shares a long enough start with a recent prompt);
-    /// leaves the last position's logits in `self.logits`; says how many prompt tokens
-    /// came from a snapshot.
-    fn prefill_prompt(&mut self, prompt: &[u32]) -> Result<(KvCache, usize), LlmError> {
-        match self.prefixes.plan(prompt, 1) {
-            Plan::Restore { cache, len } => {
-                let mut cache = *cache;
-                self.prefill_into(&mut cache, &prompt[len..])?;
-                Ok((cache, len))
-            }
-            Plan::Learn { len } => {
-                let mut cache = self.model.new_cache();
-                self.prefill_into(&mut cache, &prompt[..len])?;
-                self.prefixes.store(&prompt[..len], cache.clone());
-                self.prefill_into(&mut cache, &prompt[len..])?;
-                Ok((cache, 0))
-            }
-            Plan::Plain => {
-                let mut cache = self.model.new_cache();
-                self.prefill_into(&mut cache, prompt)?;
-                Ok((cache, 0))
-            }
-        }
-    }
-
     fn check_vocab(&self, rows: usize) -> Result<(), LlmError> {
         if self.logits.len() != rows * self.tokenizer.vocab_size() {
             return Err(LlmError::Model(format!(
@@ -540,8 +533,20 @@ impl Generate for Engine {
         }
         let constraint = constraint_for(req, &self.tokenizer, max_new);
         timings.tokenize = t0.elapsed();
-        let mut seq = Seq {
-            cache: KvCache::default(),
+        // The prompt is run in the passes of `step`, next to other sequences' tokens; a
+        // shared prefix comes from a snapshot when one is held.
+        let (cache, learn) = match self.prefixes.plan(&prompt, 1) {
+            Plan::Restore { cache, len } => {
+                timings.cached_prompt_tokens = len;
+                (*cache, None)
+            }
+            Plan::Learn { len } => (self.model.new_cache(), Some(len)),
+            Plan::Plain => (self.model.new_cache(), None),
+        };
+        Ok(Seq {
+            prompt,
+            cache,
+            learn,
             sampler,
             constraint,
             generated: Vec::with_capacity(max_new),
@@ -551,22 +556,16 @@ impl Generate for Engine {
             done: max_new == 0,
             error: None,
             timings,
-            decode_start: Instant::now(),
-        };
-        if seq.done {
-            return Ok(seq);
-        }
-        let t1 = Instant::now();
-        let (cache, cached) = self.prefill_prompt(&prompt)?;
-        self.check_vocab(1)?;
-        seq.cache = cache;
-        seq.timings.prefill = t1.elapsed();
-        seq.timings.cached_prompt_tokens = cached;
-        seq.decode_start = Instant::now();
-        seq.push(&mut self.logits, &self.tokenizer);
-        Ok(seq)
+            started: t0,
+            decode_start: t0,
+        })
     }
 
+    /// One forward pass: the next token of every decoding sequence, plus the next part of
+    /// the prompts still being read (up to the prefill chunk in all). A prompt chunk is
+    /// compute-bound, so the decoding sequences' rows ride along at little extra cost
+    /// instead of waiting for the whole prompt; with nothing decoding the chunk is the
+    /// full [`PREFILL_CHUNK`], else [`MIXED_PREFILL_CHUNK`] so that decoding keeps pace.
     fn step(&mut self, seqs: &mut [&mut Seq]) -> Result<(), LlmError> {
         let mut live: Vec<&mut Seq> = seqs
             .iter_mut()
@@ -576,16 +575,45 @@ impl Generate for Engine {
         if live.is_empty() {
             return Ok(());
         }
-        let n = live.len();
+        let decoding = live.iter().filter(|s| !s.prefilling()).count();
+        let mut budget = if decoding == 0 {
+            self.prefill_chunk
+        } else {
+            self.prefill_chunk.min(MIXED_PREFILL_CHUNK)
+        };
+        // How many prompt tokens each sequence runs in this pass (0: not in this pass).
+        let take: Vec<usize> = live
+            .iter()
+            .map(|s| {
+                if !s.prefilling() {
+                    return 1;
+                }
+                let at = s.cache.len();
+                let mut n = (s.prompt.len() - at).min(budget);
+                if let Some(l) = s.learn.filter(|&l| l > at) {
+                    n = n.min(l - at);
+                }
+                budget -= n;
+                n
+            })
+            .collect();
+        let mut in_pass: Vec<(&mut Seq, usize)> =
+            live.drain(..).zip(take).filter(|(_, n)| *n > 0).collect();
+        let n = in_pass.len();
         {
-            let mut steps: Vec<Step<'_>> = live
+            let mut steps: Vec<Step<'_>> = in_pass
                 .iter_mut()
-                .map(|s| {
+                .map(|(s, take)| {
                     let s = &mut **s;
-                    let last = s.generated.len() - 1;
+                    let tokens = if s.prefilling() {
+                        let at = s.cache.len();
+                        &s.prompt[at..at + *take]
+                    } else {
+                        &s.generated[s.generated.len() - 1..]
+                    };
                     Step {
                         cache: &mut s.cache,
-                        tokens: &s.generated[last..],
+                        tokens,
                     }
                 })
                 .collect();
@@ -595,8 +623,20 @@ impl Generate for Engine {
         }
         self.check_vocab(n)?;
         let vocab = self.tokenizer.vocab_size();
-        for (s, logits) in live.into_iter().zip(self.logits.chunks_exact_mut(vocab)) {
+        for ((s, _), logits) in in_pass.into_iter().zip(self.logits.chunks_exact_mut(vocab)) {
             s.timings.batch = s.timings.batch.max(n);
+            if s.prefilling() {
+                let at = s.cache.len();
+                if s.learn == Some(at) {
+                    self.prefixes.store(&s.prompt[..at], s.cache.clone());
+                }
+                if at < s.prompt.len() {
+                    continue;
+                }
+                // The prompt is read: these are the first answer token's logits.
+                s.timings.prefill = s.started.elapsed() - s.timings.tokenize;
+                s.decode_start = Instant::now();
+            }
             s.push(logits, &self.tokenizer);
         }
         Ok(())
@@ -636,8 +676,10 @@ impl Generate for Engine {
             prompt_tokens = g.prompt_tokens,
             completion_tokens = g.completion_tokens,
             finish_reason = %g.finish_reason,
+            cached_prompt_tokens = timings.cached_prompt_tokens,
             prefill_ms = timings.prefill.as_millis() as u64,
             decode_ms = timings.decode.as_millis() as u64,
+            sampling_ms = timings.sampling.as_millis() as u64,
             batch = timings.batch,
             "local generation done"
         );

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# End-to-end products/minute: the same products and channels through the whole pipeline
+# (prompt -> model -> checks -> repair -> draft), three ways on the same model file and cores:
+#   1. the local provider, one draft at a time (no batching),
+#   2. the local provider, CONCURRENCY drafts at once (decoded together),
+#   3. the `openai` provider against llama.cpp's OpenAI-compatible server
+#      (llama-cpp-python[server]), CONCURRENCY requests in flight.
+#
+#   benches/llamacpp_e2e.sh                       # 50 WDC dev products x seo,amazon,social
+#   LIMIT=20 CONCURRENCY=4 CHANNELS=seo benches/llamacpp_e2e.sh
+#
+# Uses the virtual environment of benches/llamacpp.sh (created on first use, which compiles
+# llama.cpp once). Reports go to $OUT (default: a temporary directory); the summary lines
+# are printed at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${LLAMACPP_VENV:-$HOME/.cache/enricher/llamacpp-venv}"
+THREADS="${THREADS:-2}"
+LIMIT="${LIMIT:-50}"
+CONCURRENCY="${CONCURRENCY:-4}"
+CHANNELS="${CHANNELS:-seo,amazon,social}"
+INPUT="${INPUT:-../shared/data/products/wdc-pave-dev.jsonl}"
+PORT="${PORT:-18765}"
+MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
+OUT="${OUT:-$(mktemp -d)}"
+mkdir -p "$OUT"
+
+if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
+"$VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null || {
+  echo "installing llama-cpp-python[server] 0.3.36 (compiles llama.cpp once)..." >&2
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$VENV/bin/pip" install -q "llama-cpp-python[server]==0.3.36"
+}
+cargo build --release -q
+BIN="${CARGO_TARGET_DIR:-target}/release/enricher"
+"$BIN" models fetch >/dev/null
+export RAYON_NUM_THREADS="$THREADS"
+run() { # name, extra args...
+  local name="$1"; shift
+  "$BIN" eval --input "$INPUT" --channels "$CHANNELS" --limit "$LIMIT" --report "$OUT/$name.md" "$@" \
+    > "$OUT/$name.log" 2>&1
+  grep -m1 '^Throughput' "$OUT/$name.md" | sed "s/^/$name: /"
+}
+
+run local-c1 --concurrency 1
+run "local-c$CONCURRENCY" --concurrency "$CONCURRENCY"
+
+"$VENV/bin/python" -m llama_cpp.server --model "$MODEL" --n_threads "$THREADS" \
+  --n_threads_batch "$THREADS" --n_ctx 8192 --chat_format chatml --host 127.0.0.1 --port "$PORT" \
+  > "$OUT/llamacpp-server.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do
+  curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null && break
+  sleep 1
+done
+OPENAI_BASE_URL="http://127.0.0.1:$PORT/v1" OPENAI_API_KEY=unused OPENAI_MODEL="$MODEL" \
+  ENRICHER_PROVIDERS__OPENAI__CONCURRENCY="$CONCURRENCY" \
+  run "llamacpp-server-c$CONCURRENCY" --provider openai --concurrency "$CONCURRENCY"
+echo "reports in $OUT"
