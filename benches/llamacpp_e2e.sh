@@ -8,6 +8,7 @@
 #
 #   benches/llamacpp_e2e.sh                       # 50 WDC dev products x seo,amazon,social
 #   LIMIT=20 CONCURRENCY=4 CHANNELS=seo benches/llamacpp_e2e.sh
+#   ONLY=server benches/llamacpp_e2e.sh           # just the llama.cpp server run
 #
 # Uses the virtual environment of benches/llamacpp.sh (created on first use, which compiles
 # llama.cpp once). Reports go to $OUT (default: a temporary directory); the summary lines
@@ -41,8 +42,10 @@ run() { # name, extra args...
   grep -m1 '^Throughput' "$OUT/$name.md" | sed "s/^/$name: /"
 }
 
-run local-c1 --concurrency 1
-run "local-c$CONCURRENCY" --concurrency "$CONCURRENCY"
+if [ "${ONLY:-}" != server ]; then
+  run local-c1 --concurrency 1
+  run "local-c$CONCURRENCY" --concurrency "$CONCURRENCY"
+fi
 
 "$VENV/bin/python" -m llama_cpp.server --model "$MODEL" --n_threads "$THREADS" \
   --n_threads_batch "$THREADS" --n_ctx 8192 --chat_format chatml --host 127.0.0.1 --port "$PORT" \

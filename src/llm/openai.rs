@@ -10,8 +10,9 @@
 //!   [`MAX_INLINE_WAIT`] is not slept here: the error goes up and the queue schedules the
 //!   task's next attempt for later, so a worker slot is not held.
 //! - `response_format: json_schema` is asked for when a schema is given; a server that
-//!   refuses it (400) is asked again with `json_object`, then with no format, and the
-//!   provider remembers what the server accepts.
+//!   refuses it (400/422, or any status with a validation error naming
+//!   `response_format`, as llama-cpp-python's 500) is asked again with `json_object`, then
+//!   with no format, and the provider remembers what the server accepts.
 //! - At most `concurrency` requests are in flight from this process.
 
 use std::{
@@ -257,11 +258,8 @@ impl OpenAiProvider {
                 Ok(r) => return to_generation(r),
                 Err(e) => {
                     let err = classify(e, self.timeout);
-                    // A server that does not take our response_format answers 400; step down.
-                    if req.schema.is_some()
-                        && format < FORMAT_NONE
-                        && matches!(&err, LlmError::Rejected(m) if m.starts_with("HTTP 400") || m.starts_with("HTTP 422"))
-                    {
+                    // A server that does not take our response_format refuses it; step down.
+                    if req.schema.is_some() && format < FORMAT_NONE && refuses_format(&err) {
                         tracing::info!(provider = %self.name, from = format, "server refused response_format; falling back");
                         let _ = self.format.compare_exchange(
                             format,
@@ -275,6 +273,19 @@ impl OpenAiProvider {
                 }
             }
         }
+    }
+}
+
+/// Whether an error is a server refusing the request's `response_format`: a 400/422
+/// (OpenAI, vLLM), or a validation error about `response_format` whatever its status
+/// (llama-cpp-python's server answers 500 to `json_schema`).
+fn refuses_format(err: &LlmError) -> bool {
+    match err {
+        LlmError::Rejected(m) => {
+            m.starts_with("HTTP 400") || m.starts_with("HTTP 422") || m.contains("response_format")
+        }
+        LlmError::Unavailable(m) => m.starts_with("HTTP 5") && m.contains("response_format"),
+        _ => false,
     }
 }
 
@@ -460,5 +471,28 @@ mod tests {
         assert!(matches!(mk(503, None), LlmError::Unavailable(_)));
         assert!(matches!(mk(408, None), LlmError::Timeout(_)));
         assert!(matches!(mk(401, None), LlmError::Rejected(_)));
+    }
+
+    #[test]
+    fn only_refusals_of_the_response_format_step_down() {
+        let mk = |status, body: &str| {
+            classify(
+                OpenAIError::Boxed(Box::new(HttpStatus {
+                    status,
+                    retry_after: None,
+                    body: body.into(),
+                })),
+                Duration::from_secs(5),
+            )
+        };
+        assert!(refuses_format(&mk(400, "bad request")));
+        assert!(refuses_format(&mk(422, "unprocessable")));
+        let pydantic = "1 validation error: ('body', 'response_format', 'type')";
+        assert!(refuses_format(&mk(500, pydantic)));
+        // an outage or an auth failure is not about the format
+        assert!(!refuses_format(&mk(500, "internal error")));
+        assert!(!refuses_format(&mk(503, "<html>busy</html>")));
+        assert!(!refuses_format(&mk(401, "invalid api key")));
+        assert!(!refuses_format(&LlmError::Timeout(Duration::from_secs(1))));
     }
 }

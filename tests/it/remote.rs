@@ -111,6 +111,19 @@ async fn a_server_without_json_schema_support_gets_json_object() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_500_validation_error_about_response_format_steps_down_too() {
+    // llama-cpp-python's server answers `json_schema` with a 500 naming response_format.
+    let (app, fake) = setup(|_| {}).await;
+    fake.set_default(Reply::RefuseJsonSchemaWith500);
+    let (_, b) = one_task(&app).await;
+    assert_eq!(b["tasks_by_status"]["succeeded"], 1, "{b}");
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 2, "one refused call, one answered: {reqs:?}");
+    assert_eq!(reqs[0]["response_format"]["type"], "json_schema");
+    assert_eq!(reqs[1]["response_format"]["type"], "json_object");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prose_around_the_json_is_tolerated() {
     let (app, fake) = setup(|_| {}).await;
     fake.set_default(Reply::Content(

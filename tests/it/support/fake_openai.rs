@@ -39,6 +39,9 @@ pub enum Reply {
     Malformed,
     /// 400 when the request has `response_format.type == json_schema`, else copy.
     RefuseJsonSchema,
+    /// What llama-cpp-python's server does with `json_schema`: a 500 whose body is a
+    /// validation error naming `response_format`; else copy.
+    RefuseJsonSchemaWith500,
 }
 
 #[derive(Default)]
@@ -173,6 +176,17 @@ async fn chat(
                 (
                     StatusCode::BAD_REQUEST,
                     Json(json!({"error": {"message": "response_format json_schema is not supported", "type": "invalid_request_error", "param": "response_format", "code": null}})),
+                )
+                    .into_response()
+            } else {
+                completion(&req, &copy_for(&req))
+            }
+        }
+        Reply::RefuseJsonSchemaWith500 => {
+            if req["response_format"]["type"] == "json_schema" {
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Json(json!({"error": {"message": "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), 'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema'}", "type": "internal_server_error", "param": null, "code": null}})),
                 )
                     .into_response()
             } else {
