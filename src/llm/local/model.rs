@@ -125,6 +125,9 @@ impl KvCache {
     }
 }
 
+/// One layer of a sequence's cache: its keys and values, per kv head.
+type LayerCache<'a> = (&'a [Vec<f16>], &'a [Vec<f16>]);
+
 /// One sequence's part of a forward pass.
 pub struct Step<'a> {
     pub cache: &'a mut KvCache,
@@ -476,7 +479,7 @@ impl Model {
                 }
                 r += st.tokens.len();
             }
-            let caches: Vec<(&[Vec<f16>], &[Vec<f16>])> = steps
+            let caches: Vec<LayerCache<'_>> = steps
                 .iter()
                 .map(|st| {
                     let heads = li * nkv..(li + 1) * nkv;
@@ -522,7 +525,7 @@ impl Model {
         &self,
         q: &[f32],
         rows: &[(usize, usize)],
-        caches: &[(&[Vec<f16>], &[Vec<f16>])],
+        caches: &[LayerCache<'_>],
         out: &mut [f32],
     ) {
         /// Rows per work item.
