@@ -1,8 +1,8 @@
 //! The llama forward pass, over quantised weights, for one or many sequences at once.
 //!
 //! [`Model`] holds the weights (read-only; shared by every sequence). A sequence's state is
-//! its [`KvCache`]: keys and values of every token it has seen, per layer, in buffers that
-//! grow by appending (no copy of the past per token). [`Model::forward`] runs a list of
+//! its [`KvCache`]: keys and values of every token it has seen, per layer and kv head, in
+//! f16 buffers that grow by appending (no copy of the past per token). [`Model::forward`] runs a list of
 //! [`Step`]s — each a sequence and the tokens to add to it (a prompt chunk, or one sampled
 //! token) — through the layers together: the matmuls see all the steps' rows at once, so
 //! the weights are read once for the whole batch ([`super::kernels`]); attention is done

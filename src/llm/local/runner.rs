@@ -56,7 +56,8 @@ pub const MIN_COMPLETION_ROOM: usize = 16;
 pub struct Timings {
     /// Tokenising and applying the template.
     pub tokenize: Duration,
-    /// Forward passes over the prompt (up to the first sampled token's logits).
+    /// From the end of tokenising to the first answer token's logits: the forward passes
+    /// that read the prompt (which may carry other sequences' tokens too).
     pub prefill: Duration,
     /// Prompt tokens whose KV cache came from a snapshot of a shared prefix (not prefilled).
     pub cached_prompt_tokens: usize,
@@ -511,6 +512,9 @@ impl Generate for Engine {
         let prompt = self
             .template
             .encode(&self.tokenizer, &req.system, &req.user)?;
+        if prompt.is_empty() {
+            return Err(LlmError::Rejected("the prompt is empty".into()));
+        }
         let sampler = Sampler::new(&req.sampling)?;
         let n_prompt = prompt.len();
         let wanted = req.sampling.max_new_tokens;
@@ -634,7 +638,7 @@ impl Generate for Engine {
                     continue;
                 }
                 // The prompt is read: these are the first answer token's logits.
-                s.timings.prefill = s.started.elapsed() - s.timings.tokenize;
+                s.timings.prefill = s.started.elapsed().saturating_sub(s.timings.tokenize);
                 s.decode_start = Instant::now();
             }
             s.push(logits, &self.tokenizer);
