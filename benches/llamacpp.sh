@@ -10,21 +10,11 @@
 # in release mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${LLAMACPP_VENV:-$HOME/.cache/enricher/llamacpp-venv}"
 THREADS="${THREADS:-2}"
 PROMPT_TOKENS="${PROMPT_TOKENS:-300}"
 GEN_TOKENS="${GEN_TOKENS:-64}"
 RUNS="${RUNS:-5}"
-MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
-
-if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
-"$VENV/bin/python" -c "import llama_cpp" 2>/dev/null || {
-  echo "installing llama-cpp-python 0.3.36 (compiles llama.cpp once)..." >&2
-  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$VENV/bin/pip" install -q "llama-cpp-python[server]==0.3.36"
-}
-cargo build --release -q
-BIN="${CARGO_TARGET_DIR:-target}/release/enricher"
-"$BIN" models fetch >/dev/null
+. benches/llamacpp_setup.sh
 out="$(mktemp -d)"
 export RAYON_NUM_THREADS="$THREADS" CANDLE_NUM_THREADS="$THREADS"
 "$BIN" bench local --prompt-tokens "$PROMPT_TOKENS" --gen-tokens "$GEN_TOKENS" \

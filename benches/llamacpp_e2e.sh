@@ -10,30 +10,20 @@
 #   LIMIT=20 CONCURRENCY=4 CHANNELS=seo benches/llamacpp_e2e.sh
 #   ONLY=server benches/llamacpp_e2e.sh           # just the llama.cpp server run
 #
-# Uses the virtual environment of benches/llamacpp.sh (created on first use, which compiles
+# Uses the virtual environment of benches/llamacpp_setup.sh (created on first use, which compiles
 # llama.cpp once). Reports go to $OUT (default: a temporary directory); the summary lines
 # are printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${LLAMACPP_VENV:-$HOME/.cache/enricher/llamacpp-venv}"
 THREADS="${THREADS:-2}"
 LIMIT="${LIMIT:-50}"
 CONCURRENCY="${CONCURRENCY:-4}"
 CHANNELS="${CHANNELS:-seo,amazon,social}"
 INPUT="${INPUT:-../shared/data/products/wdc-pave-dev.jsonl}"
 PORT="${PORT:-18765}"
-MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
 OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
-
-if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
-"$VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null || {
-  echo "installing llama-cpp-python[server] 0.3.36 (compiles llama.cpp once)..." >&2
-  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$VENV/bin/pip" install -q "llama-cpp-python[server]==0.3.36"
-}
-cargo build --release -q
-BIN="${CARGO_TARGET_DIR:-target}/release/enricher"
-"$BIN" models fetch >/dev/null
+. benches/llamacpp_setup.sh
 export RAYON_NUM_THREADS="$THREADS"
 run() { # name, extra args...
   local name="$1"; shift

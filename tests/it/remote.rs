@@ -91,13 +91,7 @@ async fn server_errors_timeouts_and_malformed_json_are_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_without_json_schema_support_gets_json_object() {
-    let (app, fake) = setup(|_| {}).await;
-    fake.set_default(Reply::RefuseJsonSchema);
-    let (_, b) = one_task(&app).await;
-    assert_eq!(b["tasks_by_status"]["succeeded"], 1, "{b}");
-    let reqs = fake.requests();
-    assert_eq!(reqs[0]["response_format"]["type"], "json_schema");
-    assert_eq!(reqs[1]["response_format"]["type"], "json_object");
+    let (app, fake) = json_schema_refused_then_json_object(Reply::RefuseJsonSchema).await;
     // later requests go straight to what the server accepts
     let r = app
         .submit_jsonl(&shared_lines("wdc-pave-dev.jsonl", 1), "amazon")
@@ -113,14 +107,22 @@ async fn a_server_without_json_schema_support_gets_json_object() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_500_validation_error_about_response_format_steps_down_too() {
     // llama-cpp-python's server answers `json_schema` with a 500 naming response_format.
+    let (_, fake) = json_schema_refused_then_json_object(Reply::RefuseJsonSchemaWith500).await;
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 2, "one refused call, one answered: {reqs:?}");
+}
+
+/// One task against a server that refuses `json_schema` with `reply`: the task succeeds,
+/// the first call asked for `json_schema`, the second for `json_object`.
+async fn json_schema_refused_then_json_object(reply: Reply) -> (TestApp, FakeOpenAi) {
     let (app, fake) = setup(|_| {}).await;
-    fake.set_default(Reply::RefuseJsonSchemaWith500);
+    fake.set_default(reply);
     let (_, b) = one_task(&app).await;
     assert_eq!(b["tasks_by_status"]["succeeded"], 1, "{b}");
     let reqs = fake.requests();
-    assert_eq!(reqs.len(), 2, "one refused call, one answered: {reqs:?}");
     assert_eq!(reqs[0]["response_format"]["type"], "json_schema");
     assert_eq!(reqs[1]["response_format"]["type"], "json_object");
+    (app, fake)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -537,7 +537,7 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
@@ -551,7 +551,7 @@ mod tests {
         out
     }
 
-    fn data(len: usize, seed: u32) -> Vec<f32> {
+    pub(in crate::llm::local) fn data(len: usize, seed: u32) -> Vec<f32> {
         // A small deterministic generator: values in -1..1 with some larger ones.
         let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
         (0..len)

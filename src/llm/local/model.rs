@@ -2,11 +2,11 @@
 //!
 //! [`Model`] holds the weights (read-only; shared by every sequence). A sequence's state is
 //! its [`KvCache`]: keys and values of every token it has seen, per layer and kv head, in
-//! f16 buffers that grow by appending (no copy of the past per token). [`Model::forward`] runs a list of
-//! [`Step`]s — each a sequence and the tokens to add to it (a prompt chunk, or one sampled
-//! token) — through the layers together: the matmuls see all the steps' rows at once, so
-//! the weights are read once for the whole batch ([`super::kernels`]); attention is done
-//! per sequence against its own cache. It returns the logits of each step's last token.
+//! f16 buffers that grow by appending (no copy of the past per token). [`Model::forward`]
+//! runs a list of [`Step`]s — each a sequence and the tokens to add to it (a prompt chunk,
+//! or one sampled token) — through the layers together: the matmuls see all the steps'
+//! rows at once, so the weights are read once for the whole batch ([`super::kernels`]);
+//! attention is done per sequence against its own cache. It returns the logits of each step's last token.
 //!
 //! Exactness: every row's numbers depend only on that row and its own sequence's cache
 //! (the kernels compute each output element the same way whatever else is in the batch,
@@ -740,19 +740,8 @@ fn add(x: &mut [f32], y: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::head;
+    use crate::llm::local::kernels::tests::data as values;
     use half::f16;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(7);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
 
     #[test]
     fn head_scores_and_weighted_sum_match_a_plain_loop_and_do_not_depend_on_length() {

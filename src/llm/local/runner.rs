@@ -349,7 +349,6 @@ pub struct Seq {
     sampler: Sampler,
     constraint: Option<Box<dyn LogitsConstraint>>,
     generated: Vec<u32>,
-    n_prompt: usize,
     max_new: usize,
     stopped: bool,
     done: bool,
@@ -554,7 +553,6 @@ impl Generate for Engine {
             sampler,
             constraint,
             generated: Vec::with_capacity(max_new),
-            n_prompt,
             max_new,
             stopped: false,
             done: max_new == 0,
@@ -571,7 +569,7 @@ impl Generate for Engine {
     /// instead of waiting for the whole prompt; with nothing decoding the chunk is the
     /// full [`PREFILL_CHUNK`], else [`MIXED_PREFILL_CHUNK`] so that decoding keeps pace.
     fn step(&mut self, seqs: &mut [&mut Seq]) -> Result<(), LlmError> {
-        let mut live: Vec<&mut Seq> = seqs
+        let live: Vec<&mut Seq> = seqs
             .iter_mut()
             .map(|s| &mut **s)
             .filter(|s| !s.done)
@@ -602,7 +600,7 @@ impl Generate for Engine {
             })
             .collect();
         let mut in_pass: Vec<(&mut Seq, usize)> =
-            live.drain(..).zip(take).filter(|(_, n)| *n > 0).collect();
+            live.into_iter().zip(take).filter(|(_, n)| *n > 0).collect();
         let n = in_pass.len();
         {
             let mut steps: Vec<Step<'_>> = in_pass
@@ -672,7 +670,7 @@ impl Generate for Engine {
         }
         let g = Generation {
             text,
-            prompt_tokens: u32::try_from(seq.n_prompt).unwrap_or(u32::MAX),
+            prompt_tokens: u32::try_from(seq.prompt.len()).unwrap_or(u32::MAX),
             completion_tokens: u32::try_from(seq.generated.len()).unwrap_or(u32::MAX),
             finish_reason: if seq.stopped { "stop" } else { "length" }.to_string(),
         };

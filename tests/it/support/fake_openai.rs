@@ -171,27 +171,24 @@ async fn chat(
             "{\"id\": \"x\", \"choices\": [",
         )
             .into_response(),
-        Reply::RefuseJsonSchema => {
-            if req["response_format"]["type"] == "json_schema" {
+        Reply::RefuseJsonSchema | Reply::RefuseJsonSchemaWith500
+            if req["response_format"]["type"] == "json_schema" =>
+        {
+            let refusal = if matches!(reply, Reply::RefuseJsonSchema) {
                 (
                     StatusCode::BAD_REQUEST,
-                    Json(json!({"error": {"message": "response_format json_schema is not supported", "type": "invalid_request_error", "param": "response_format", "code": null}})),
+                    json!({"error": {"message": "response_format json_schema is not supported", "type": "invalid_request_error", "param": "response_format", "code": null}}),
                 )
-                    .into_response()
             } else {
-                completion(&req, &copy_for(&req))
-            }
-        }
-        Reply::RefuseJsonSchemaWith500 => {
-            if req["response_format"]["type"] == "json_schema" {
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    Json(json!({"error": {"message": "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), 'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema'}", "type": "internal_server_error", "param": null, "code": null}})),
+                    json!({"error": {"message": "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), 'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema'}", "type": "internal_server_error", "param": null, "code": null}}),
                 )
-                    .into_response()
-            } else {
-                completion(&req, &copy_for(&req))
-            }
+            };
+            (refusal.0, Json(refusal.1)).into_response()
+        }
+        Reply::RefuseJsonSchema | Reply::RefuseJsonSchemaWith500 => {
+            completion(&req, &copy_for(&req))
         }
     }
 }
