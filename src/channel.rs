@@ -118,6 +118,7 @@ impl Channel {
                             FieldDefKind::Text => r.min_chars,
                             FieldDefKind::List => r.item_min_chars,
                         }),
+                        hashtags: r.and_then(|r| r.hashtag_format) == Some(true),
                     }
                 })
                 .collect(),

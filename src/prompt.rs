@@ -379,5 +379,20 @@ mod tests {
             .unwrap();
         assert!(p.user.contains("shorter ‹b›please‹/b›"), "{}", p.user);
         assert!(p.user.contains("at most 60 allowed"));
+        // They come after the data block, so a repair's prompt is the first prompt up to the
+        // end of the data (the local model reuses that part's cache), then the requests.
+        let first = prompts
+            .render(
+                channels.get("seo").unwrap(),
+                &spec,
+                &PromptInputs::default(),
+            )
+            .unwrap();
+        let (data_end, _) = first.user.split_once("</product_data>").unwrap();
+        assert!(p.user.starts_with(data_end), "{}", p.user);
+        let after = &p.user[data_end.len()..];
+        assert!(after.find("shorter") < after.find("at most 60"));
+        assert!(after.find("at most 60") < after.find("Answer with JSON only"));
+        assert!(!first.user.contains("previous answer"));
     }
 }

@@ -596,6 +596,11 @@ fn plain_candle_loop(
 
 /// The first `n` real products of the WDC dev set, rendered with a channel's prompt.
 fn real_prompts(channel: &str, n: usize) -> Vec<GenerateRequest> {
+    real_prompts_fixing(channel, n, &[])
+}
+
+/// [`real_prompts`] as repairs asking to fix `findings`.
+fn real_prompts_fixing(channel: &str, n: usize, findings: &[String]) -> Vec<GenerateRequest> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let data = root.join("../shared/data/products/wdc-pave-dev.jsonl");
     let bytes = std::fs::read(&data).unwrap_or_else(|e| panic!("{}: {e}", data.display()));
@@ -607,7 +612,11 @@ fn real_prompts(channel: &str, n: usize) -> Vec<GenerateRequest> {
         .filter_map(|(_, r)| r.ok())
         .take(n)
         .map(|spec| {
-            let p = prompts.render(ch, &spec, &Default::default()).unwrap();
+            let inputs = enricher::prompt::PromptInputs {
+                feedback: None,
+                findings,
+            };
+            let p = prompts.render(ch, &spec, &inputs).unwrap();
             GenerateRequest {
                 system: p.system,
                 user: p.user,
@@ -619,8 +628,9 @@ fn real_prompts(channel: &str, n: usize) -> Vec<GenerateRequest> {
         .collect()
 }
 
-/// Prompts that share the channel's instructions reuse their KV cache, and the answers are
-/// the same tokens as without the cache (greedy).
+/// Prompts that share the channel's instructions, or a repair that shares its first
+/// attempt's prompt up to the end of the product data, reuse their KV cache, and the
+/// answers are the same tokens as without the cache (greedy).
 #[tokio::test]
 async fn prefix_cache_gives_the_same_tokens() {
     use enricher::llm::local::runner::Generate;
@@ -629,29 +639,50 @@ async fn prefix_cache_gives_the_same_tokens() {
     let tok = Arc::new(p.tokenizer().clone());
     let model = our_model();
     let mut cached = Engine::new(model.clone(), tok.clone(), p.chat_template(), 4096);
-    let mut plain = Engine::new(model, tok, p.chat_template(), 4096);
+    let mut plain = Engine::new(model.clone(), tok.clone(), p.chat_template(), 4096);
     plain.set_prefix_cache(false);
+    // Snapshots of learnt prefixes only, as when the remembered prompts have moved on.
+    let mut snapshots = Engine::new(model, tok, p.chat_template(), 4096);
+    snapshots.set_remembered_bytes(0);
     let never = || false;
+    let findings = ["title: is 230 characters, at most 200 allowed".to_string()];
     let reqs: Vec<_> = real_prompts("seo", 3)
         .into_iter()
         .chain(real_prompts("amazon", 1))
+        .chain(real_prompts_fixing("amazon", 1, &findings))
         .collect();
-    let mut reused = Vec::new();
+    let (mut reused, mut snapshot) = (Vec::new(), Vec::new());
     for (i, req) in reqs.iter().enumerate() {
         let (a, ta) = cached.generate(req, &never).unwrap();
         let (b, tb) = plain.generate(req, &never).unwrap();
         assert_eq!(a.text, b.text, "prompt {i}");
         assert_eq!(a.completion_tokens, b.completion_tokens, "prompt {i}");
         assert_eq!(tb.cached_prompt_tokens, 0);
-        reused.push(ta.cached_prompt_tokens);
+        let (c, tc) = snapshots.generate(req, &never).unwrap();
+        assert_eq!(c.text, b.text, "prompt {i} from snapshots");
+        reused.push((ta.cached_prompt_tokens, a.prompt_tokens as usize));
+        snapshot.push(tc.cached_prompt_tokens);
     }
-    // seo: the first is plain, the second learns the shared prefix, the third reuses it;
-    // amazon: another system prompt, so no snapshot fits and nothing is shared yet.
-    assert_eq!(reused[0], 0);
-    assert_eq!(reused[1], 0);
-    assert!(reused[2] >= 64, "{reused:?}");
-    assert_eq!(reused[3], 0);
-    assert_eq!(cached.prefix_snapshots(), 1);
+    // seo: the first is plain; the second starts from the first's remembered cache (the
+    // channel's instructions) and learns nothing new; the third likewise. amazon: another
+    // system prompt, so nothing is shared; its repair reads only what follows the data.
+    assert_eq!(reused[0].0, 0);
+    for (cached_tokens, _) in &reused[1..3] {
+        assert!(*cached_tokens >= 64, "{reused:?}");
+    }
+    assert_eq!(reused[3].0, 0);
+    let (repair_cached, repair_len) = reused[4];
+    assert!(repair_cached > reused[1].0 + 50, "{reused:?}");
+    assert!(repair_len - repair_cached < 80, "{reused:?}");
     assert_eq!(plain.prefix_snapshots(), 0);
-    println!("prompt tokens from a snapshot: {reused:?}");
+    // Snapshots only: the second seo prompt learns the shared prefix, the third reuses it.
+    assert_eq!(snapshot[..2], [0, 0]);
+    assert!(snapshot[2] >= 64, "{snapshot:?}");
+    assert_eq!(snapshot[3..], [0, 0]);
+    assert_eq!(
+        snapshots.prefix_snapshots(),
+        2,
+        "seo's instructions, and amazon's prompt up to the end of the data (learnt by the repair)"
+    );
+    println!("prompt tokens from a cache (of all): {reused:?}; from snapshots: {snapshot:?}");
 }

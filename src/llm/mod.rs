@@ -66,6 +66,10 @@ pub struct SchemaField {
     /// constraint keeps a string open until it has them, while the token budget allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_chars: Option<usize>,
+    /// Each string (each item of a list) is a hashtag, `#` then letters and digits (the
+    /// rule pack's `hashtag_format`); the local provider's constraint writes nothing else.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hashtags: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -396,6 +400,7 @@ mod tests {
                         max_chars: Some(200),
                     },
                     min_chars: None,
+                    hashtags: false,
                 },
                 SchemaField {
                     name: "bullets".into(),
@@ -405,6 +410,7 @@ mod tests {
                         item_max_chars: Some(255),
                     },
                     min_chars: None,
+                    hashtags: false,
                 },
             ],
         };

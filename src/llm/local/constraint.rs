@@ -67,6 +67,9 @@ pub struct TokenTable {
     plain_len: Vec<u16>,
     /// Like `plain_len`, but [`NOT_PLAIN`] also for tokens starting with whitespace.
     plain_len_nows: Vec<u16>,
+    /// Like `plain_len`, but [`NOT_PLAIN`] also for tokens with a character a hashtag may
+    /// not hold after its `#`.
+    plain_len_hashtag: Vec<u16>,
     /// Tokens with bytes that are not plain: simulated one by one inside strings.
     special: Vec<u32>,
     /// Tokens with bytes, by their first byte.
@@ -79,6 +82,47 @@ pub struct TokenTable {
 /// into JSON tends to fill strings with `{{`, `}}` and `<...>` junk instead of words.
 fn is_markup(c: char) -> bool {
     matches!(c, '{' | '}' | '<' | '>')
+}
+
+/// Whether a character in `lo..=hi` may follow the `#` of a hashtag: a letter or a number,
+/// as the `hashtag.format` check counts them (`^#[\p{L}\p{N}]+$`), by the code point ranges
+/// of the regex engine's own Unicode tables; less the decimal digits, which are written
+/// (ASCII only, grounded) as numbers are everywhere else.
+fn hashtag_char_in(lo: u32, hi: u32) -> bool {
+    static RANGES: LazyLock<Vec<(u32, u32)>> = LazyLock::new(|| {
+        use regex_syntax::hir::{Class, HirKind};
+        let hir = regex_syntax::Parser::new()
+            .parse(r"[[\p{L}\p{N}]--\d]")
+            .expect("hashtag class");
+        match hir.kind() {
+            HirKind::Class(Class::Unicode(c)) => c
+                .ranges()
+                .iter()
+                .map(|r| (u32::from(r.start()), u32::from(r.end())))
+                .collect(),
+            other => unreachable!("a class parses as a class, not {other:?}"),
+        }
+    });
+    let i = RANGES.partition_point(|&(_, end)| end < lo);
+    RANGES.get(i).is_some_and(|&(start, _)| start <= hi)
+}
+
+fn is_hashtag_char(c: char) -> bool {
+    hashtag_char_in(u32::from(c), u32::from(c))
+}
+
+/// Whether the character begun in `s` (`need` continuation bytes due) can still end as a
+/// character a hashtag may hold.
+fn hashtag_char_possible(s: &Str) -> bool {
+    let n = u32::from(s.need);
+    if n == 0 {
+        return true;
+    }
+    let low_bits = 6 * (n - 1);
+    let base = s.cp << (6 * n);
+    let lo = base | (u32::from(s.lo & 0x3F) << low_bits);
+    let hi = base | (u32::from(s.hi & 0x3F) << low_bits) | ((1 << low_bits) - 1);
+    hashtag_char_in(lo, hi)
 }
 
 fn is_unicode_digit(c: char) -> bool {
@@ -94,6 +138,7 @@ impl TokenTable {
             bytes: Vec::with_capacity(n * 8),
             plain_len: Vec::with_capacity(n),
             plain_len_nows: Vec::with_capacity(n),
+            plain_len_hashtag: Vec::with_capacity(n),
             special: Vec::new(),
             by_first: vec![Vec::new(); 256],
             end_of_turn: tok.end_of_turn_ids().to_vec(),
@@ -119,10 +164,13 @@ impl TokenTable {
                     t.plain_len.push(len);
                     let ws = s.starts_with(char::is_whitespace);
                     t.plain_len_nows.push(if ws { NOT_PLAIN } else { len });
+                    let word = s.chars().all(is_hashtag_char);
+                    t.plain_len_hashtag.push(if word { len } else { NOT_PLAIN });
                 }
                 None => {
                     t.plain_len.push(NOT_PLAIN);
                     t.plain_len_nows.push(NOT_PLAIN);
+                    t.plain_len_hashtag.push(NOT_PLAIN);
                     if !b.is_empty() {
                         t.special.push(id);
                     }
@@ -162,6 +210,8 @@ struct Numbers {
     terminal: Vec<bool>,
     /// Fewest characters that make the node's prefix an allowed number.
     min_rest: Vec<u32>,
+    /// The same with digits only (inside a hashtag, where `.` and `,` cannot be written).
+    digits_rest: Vec<u32>,
 }
 
 fn num_index(b: u8) -> Option<usize> {
@@ -182,6 +232,7 @@ impl Numbers {
             children: vec![[NONE; 12]],
             terminal: vec![false],
             min_rest: vec![u32::MAX],
+            digits_rest: vec![u32::MAX],
         };
         for n in allowed.iter().filter(|n| FORM.is_match(n)) {
             let mut node = 0usize;
@@ -192,6 +243,7 @@ impl Numbers {
                     t.children.push([NONE; 12]);
                     t.terminal.push(false);
                     t.min_rest.push(u32::MAX);
+                    t.digits_rest.push(u32::MAX);
                 }
                 node = t.children[node][i] as usize;
             }
@@ -200,12 +252,17 @@ impl Numbers {
         // Children come after their parents: one backward pass.
         for node in (0..t.children.len()).rev() {
             let mut best = if t.terminal[node] { 0 } else { u32::MAX };
-            for &c in &t.children[node] {
+            let mut digits = best;
+            for (i, &c) in t.children[node].iter().enumerate() {
                 if c != NONE {
                     best = best.min(t.min_rest[c as usize].saturating_add(1));
+                    if i < 10 {
+                        digits = digits.min(t.digits_rest[c as usize].saturating_add(1));
+                    }
                 }
             }
             t.min_rest[node] = best;
+            t.digits_rest[node] = digits;
         }
         t
     }
@@ -216,6 +273,7 @@ impl Numbers {
             children: vec![[0; 12]],
             terminal: vec![true],
             min_rest: vec![0],
+            digits_rest: vec![0],
         };
         // one node that loops to itself: every run is allowed and complete
         t.children[0] = [0; 12];
@@ -235,6 +293,10 @@ impl Numbers {
 
     fn min_rest(&self, node: u32) -> u32 {
         self.min_rest[node as usize]
+    }
+
+    fn digits_rest(&self, node: u32) -> u32 {
+        self.digits_rest[node as usize]
     }
 }
 
@@ -303,6 +365,8 @@ struct Field {
     max_chars: u32,
     /// Characters a string needs before it may close (while the budget allows).
     min_chars: u32,
+    /// Each string is a hashtag: `#`, then letters and digits only.
+    hashtag: bool,
     /// Index in `lits` of what follows the value (`,"next":"`, `,"next":["` or `}`).
     tail: u16,
     /// Shortest text from after the value to the end (the tail, the next fields' minimal
@@ -387,6 +451,7 @@ impl JsonConstraint {
                 }
             };
             fields.push(Field {
+                hashtag: f.hashtags,
                 list,
                 min_items,
                 max_items,
@@ -444,22 +509,33 @@ impl JsonConstraint {
         let f = &self.fields[field];
         if f.list {
             let missing = f.min_items.saturating_sub(item + 1);
-            4 * missing + 1 + f.tail_cost
+            (4 + u32::from(f.hashtag)) * missing + 1 + f.tail_cost
         } else {
             f.tail_cost
         }
     }
 
-    /// Shortest text from the start of a value's content to the end: one character, `"`,
-    /// and what follows.
+    /// Shortest text from the start of a value's content to the end: one character (`#`
+    /// and one for a hashtag), `"`, and what follows.
     fn start_cost(&self, field: usize, item: u32) -> u32 {
-        2 + self.after_close(field, item)
+        2 + u32::from(self.fields[field].hashtag) + self.after_close(field, item)
     }
 
     /// Characters a string's content still needs before it may close.
-    fn content_need(&self, s: &Str) -> u32 {
+    fn content_need(&self, field: usize, s: &Str) -> u32 {
         if s.need > 0 {
             return u32::from(s.need);
+        }
+        if self.fields[field].hashtag {
+            if s.chars < 2 {
+                // `#` and a letter; no number can be pending that early
+                return 2 - s.chars;
+            }
+            return if s.run == NONE {
+                0
+            } else {
+                self.numbers.digits_rest(s.run)
+            };
         }
         let run = if s.run == NONE || self.numbers.terminal(s.run) {
             0
@@ -485,7 +561,7 @@ impl JsonConstraint {
                 }
             }
             Pos::Content { field, item } => self
-                .content_need(&st.s)
+                .content_need(field as usize, &st.s)
                 .saturating_add(1 + self.after_close(field as usize, u32::from(item))),
             Pos::ListSep { field, item } => self.after_close(field as usize, u32::from(item)),
         }
@@ -499,7 +575,7 @@ impl JsonConstraint {
                 let extra = if s.need > 0 {
                     0 // the partial character is counted already
                 } else {
-                    self.content_need(s)
+                    self.content_need(field as usize, s)
                 };
                 s.chars.saturating_add(extra) <= self.fields[field as usize].max_chars
             }
@@ -553,6 +629,7 @@ impl JsonConstraint {
             }
             Pos::Content { field, item } => {
                 let max = self.fields[field as usize].max_chars;
+                let hashtag = self.fields[field as usize].hashtag;
                 let s = &mut st.s;
                 if s.need > 0 {
                     if b < s.lo || b > s.hi {
@@ -562,9 +639,16 @@ impl JsonConstraint {
                     s.need -= 1;
                     s.lo = 0x80;
                     s.hi = 0xBF;
+                    if hashtag && !hashtag_char_possible(s) {
+                        return None;
+                    }
                     if s.need == 0 {
                         let c = char::from_u32(s.cp)?;
-                        if c.is_control() || is_unicode_digit(c) || (s.empty && c.is_whitespace()) {
+                        if c.is_control()
+                            || is_unicode_digit(c)
+                            || (s.empty && c.is_whitespace())
+                            || (hashtag && !is_hashtag_char(c))
+                        {
                             return None;
                         }
                         s.empty = false;
@@ -573,6 +657,7 @@ impl JsonConstraint {
                 }
                 if b == b'"' {
                     if s.empty
+                        || (hashtag && s.chars < 2)
                         || !self.run_may_end(s)
                         || (self.strict_min.get()
                             && s.chars < self.fields[field as usize].min_chars)
@@ -592,6 +677,16 @@ impl JsonConstraint {
                 if s.chars >= max {
                     return None;
                 }
+                // a hashtag: `#`, then letters and digits (a lead byte is checked below)
+                if hashtag
+                    && if s.empty {
+                        b != b'#'
+                    } else {
+                        b < 0x80 && !b.is_ascii_alphanumeric()
+                    }
+                {
+                    return None;
+                }
                 if b.is_ascii_digit() {
                     if s.pending == DEAD {
                         return None;
@@ -604,7 +699,7 @@ impl JsonConstraint {
                         0
                     };
                     let node = self.numbers.child(from, b);
-                    if node == NONE {
+                    if node == NONE || (hashtag && self.numbers.digits_rest(node) == u32::MAX) {
                         return None;
                     }
                     s.run = node;
@@ -648,6 +743,9 @@ impl JsonConstraint {
                     s.lo = lo;
                     s.hi = hi;
                     s.cp = u32::from(bits);
+                    if hashtag && !hashtag_char_possible(s) {
+                        return None;
+                    }
                 }
                 Some(st)
             }
@@ -738,17 +836,25 @@ impl JsonConstraint {
             }
         };
         match st.pos {
-            Pos::Content { field, .. } if st.s.need == 0 && self.run_may_end(&st.s) => {
+            Pos::Content { field, .. }
+                if st.s.need == 0
+                    && self.run_may_end(&st.s)
+                    && !(self.fields[field as usize].hashtag && st.s.empty) =>
+            {
                 // Plain tokens: decided by their length alone.
                 let now = i64::from(self.cost(&st));
-                let after = now - i64::from(st.s.empty);
+                // what a plain token's first character still owes (the first character of
+                // a string, the letter after a hashtag's `#`) is paid by it
+                let after = now - i64::from(self.content_need(field as usize, &st.s).min(1));
                 let limit = if after <= bound {
                     let max = self.fields[field as usize].max_chars;
                     u16::try_from(max.saturating_sub(st.s.chars)).unwrap_or(NOT_PLAIN - 1)
                 } else {
                     0
                 };
-                let lens = if st.s.empty {
+                let lens = if self.fields[field as usize].hashtag {
+                    &t.plain_len_hashtag
+                } else if st.s.empty {
                     &t.plain_len_nows
                 } else {
                     &t.plain_len
@@ -770,6 +876,8 @@ impl JsonConstraint {
                     Pos::Lit { lit, off, .. } => vec![self.lits[lit as usize][off as usize]],
                     Pos::ListSep { .. } => vec![b',', b']'],
                     Pos::Content { .. } if st.s.need > 0 => (st.s.lo..=st.s.hi).collect(),
+                    // a hashtag's `#`
+                    Pos::Content { .. } if st.s.empty => vec![b'#'],
                     // a number that must go on
                     _ => b"0123456789.,".to_vec(),
                 };

@@ -115,6 +115,58 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// A copy of the first `n` tokens (all of them when fewer are held).
+    pub fn prefix(&self, n: usize) -> KvCache {
+        let keep = self.width() * n.min(self.len);
+        let cut = |l: &Vec<f16>| l[..keep].to_vec();
+        KvCache {
+            k: self.k.iter().map(cut).collect(),
+            v: self.v.iter().map(cut).collect(),
+            len: n.min(self.len),
+        }
+    }
+
+    /// Makes room for `total` tokens in all (`head_dim` values per token and stream), so the
+    /// cache grows without reallocating (and without the slack of doubling).
+    pub fn reserve(&mut self, total: usize, head_dim: usize) {
+        let want = total * head_dim;
+        for l in self.k.iter_mut().chain(self.v.iter_mut()) {
+            l.reserve_exact(want.saturating_sub(l.len()));
+        }
+    }
+
+    /// Forgets every token after the first `n`, and the memory they held.
+    pub fn truncate(&mut self, n: usize) {
+        let keep = self.width() * n.min(self.len);
+        for l in self.k.iter_mut().chain(self.v.iter_mut()) {
+            l.truncate(keep);
+            l.shrink_to_fit();
+        }
+        self.len = n.min(self.len);
+    }
+
+    /// A cache of `len` tokens in `streams` streams of `width` values per token, each value
+    /// its token's index (for tests of what uses caches).
+    #[cfg(test)]
+    pub(in crate::llm::local) fn numbered(streams: usize, width: usize, len: usize) -> KvCache {
+        let stream: Vec<f16> = (0..len * width)
+            .map(|i| f16::from_f32((i / width) as f32))
+            .collect();
+        KvCache {
+            k: vec![stream.clone(); streams],
+            v: vec![stream; streams],
+            len,
+        }
+    }
+
+    /// Values per token in each stream (the head dimension; 0 while empty).
+    fn width(&self) -> usize {
+        match self.k.first() {
+            Some(l) if self.len > 0 => l.len() / self.len,
+            _ => 0,
+        }
+    }
+
     /// Bytes of keys and values held.
     pub fn size_in_bytes(&self) -> usize {
         self.k
@@ -739,9 +791,26 @@ fn add(x: &mut [f32], y: &[f32]) {
 
 #[cfg(test)]
 mod tests {
-    use super::head;
+    use super::{head, KvCache};
     use crate::llm::local::kernels::tests::data as values;
     use half::f16;
+
+    #[test]
+    fn a_cache_prefix_and_a_truncated_cache_hold_the_first_tokens() {
+        let c = KvCache::numbered(3, 4, 10);
+        let p = c.prefix(6);
+        assert_eq!(p.len(), 6);
+        assert_eq!(p.size_in_bytes(), 2 * 3 * 4 * 6 * 2);
+        assert_eq!(p.k[2][..], c.k[2][..24]);
+        assert_eq!(p.v[0].last().map(|x| x.to_f32()), Some(5.0));
+        assert_eq!(c.prefix(99).len(), 10);
+        let mut t = c.clone();
+        t.truncate(6);
+        assert_eq!((t.len(), &t.k, &t.v), (6, &p.k, &p.v));
+        t.truncate(0);
+        assert!(t.is_empty() && t.size_in_bytes() == 0);
+        assert_eq!(t.prefix(3).len(), 0);
+    }
 
     #[test]
     fn head_scores_and_weighted_sum_match_a_plain_loop_and_do_not_depend_on_length() {

@@ -31,7 +31,7 @@ use super::{
     chat::ChatTemplate,
     constraint::JsonConstraint,
     model::{KvCache, Model, ModelError, Step, Workspace},
-    prefix::{Plan, PrefixCache},
+    prefix::{common_prefix, PrefixCache},
     sampler::{LogitsConstraint, Sampler},
     tokenizer::GgufTokenizer,
 };
@@ -50,6 +50,10 @@ pub const MIXED_PREFILL_CHUNK: usize = 32;
 /// A prompt must leave room for at least this many new tokens (or `max_new_tokens` when
 /// smaller), else the request is rejected rather than answered with a stub.
 pub const MIN_COMPLETION_ROOM: usize = 16;
+
+/// A prompt takes a copy of another sequence's cache when that saves computing at least
+/// this many of its tokens.
+const MIN_COPY: usize = 16;
 
 /// Where the time of one generation went.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -393,6 +397,13 @@ impl Seq {
     fn prefilling(&self) -> bool {
         self.generated.is_empty()
     }
+
+    /// Leading prompt tokens of `other` whose cache this sequence can give it: those its
+    /// prompt shares with `other`'s, less `other`'s last (computed to get its first answer
+    /// token's logits).
+    fn shares(&self, other: &Seq) -> usize {
+        common_prefix(&self.prompt, &other.prompt).min(other.prompt.len().saturating_sub(1))
+    }
 }
 
 fn model_err(what: &str) -> impl Fn(ModelError) -> LlmError + '_ {
@@ -429,6 +440,12 @@ impl Engine {
     /// Snapshots of shared prefixes held now.
     pub fn prefix_snapshots(&self) -> usize {
         self.prefixes.len()
+    }
+
+    /// Bytes of K/V kept of the last prompts answered, for a later prompt that starts the
+    /// same way (default [`super::prefix::REMEMBERED_BYTES`]; 0: snapshots only).
+    pub fn set_remembered_bytes(&mut self, bytes: usize) {
+        self.prefixes.set_remembered_bytes(bytes);
     }
 
     /// Prompt tokens per forward pass during prefill (default [`PREFILL_CHUNK`]).
@@ -487,6 +504,35 @@ impl Engine {
         Ok(())
     }
 
+    /// A prompt being read that starts like another sequence in flight takes a copy of
+    /// that one's cache of the shared part instead of computing it again (the same tokens
+    /// give the same keys and values, bit for bit). With [`Engine::step`] letting only one
+    /// of them compute a shared part, the three channels of a product, or prompts of one
+    /// channel, read their common start once even when they arrive together.
+    fn share_prompt_caches(&mut self, live: &mut [&mut Seq]) {
+        for i in 0..live.len() {
+            if !live[i].prefilling() {
+                continue;
+            }
+            let at = live[i].cache.len();
+            let donor = (0..live.len())
+                .filter(|&j| j != i)
+                .map(|j| (live[j].shares(&*live[i]).min(live[j].cache.len()), j))
+                .max();
+            let Some((n, j)) = donor.filter(|&(n, _)| n >= at + MIN_COPY) else {
+                continue;
+            };
+            let mut cache = live[j].cache.prefix(n);
+            let s = &mut *live[i];
+            cache.reserve(s.prompt.len() + s.max_new, self.model.config().head_dim);
+            if let Some(l) = s.learn.filter(|&l| l > at && l <= n) {
+                self.prefixes.store(&s.prompt[..l], cache.prefix(l));
+            }
+            s.timings.cached_prompt_tokens += n - at;
+            s.cache = cache;
+        }
+    }
+
     fn check_vocab(&self, rows: usize) -> Result<(), LlmError> {
         if self.logits.len() != rows * self.tokenizer.vocab_size() {
             return Err(LlmError::Model(format!(
@@ -538,14 +584,11 @@ impl Generate for Engine {
         timings.tokenize = t0.elapsed();
         // The prompt is run in the passes of `step`, next to other sequences' tokens; a
         // shared prefix comes from a snapshot when one is held.
-        let (cache, learn) = match self.prefixes.plan(&prompt, 1) {
-            Plan::Restore { cache, len } => {
-                timings.cached_prompt_tokens = len;
-                (*cache, None)
-            }
-            Plan::Learn { len } => (self.model.new_cache(), Some(len)),
-            Plan::Plain => (self.model.new_cache(), None),
-        };
+        let plan = self.prefixes.plan(&prompt, 1);
+        timings.cached_prompt_tokens = plan.cached();
+        let mut cache = plan.cache.map_or_else(|| self.model.new_cache(), |c| *c);
+        cache.reserve(n_prompt + max_new, self.model.config().head_dim);
+        let learn = plan.learn;
         Ok(Seq {
             prompt,
             cache,
@@ -569,7 +612,7 @@ impl Generate for Engine {
     /// instead of waiting for the whole prompt; with nothing decoding the chunk is the
     /// full [`PREFILL_CHUNK`], else [`MIXED_PREFILL_CHUNK`] so that decoding keeps pace.
     fn step(&mut self, seqs: &mut [&mut Seq]) -> Result<(), LlmError> {
-        let live: Vec<&mut Seq> = seqs
+        let mut live: Vec<&mut Seq> = seqs
             .iter_mut()
             .map(|s| &mut **s)
             .filter(|s| !s.done)
@@ -577,6 +620,7 @@ impl Generate for Engine {
         if live.is_empty() {
             return Ok(());
         }
+        self.share_prompt_caches(&mut live);
         let decoding = live.iter().filter(|s| !s.prefilling()).count();
         let mut budget = if decoding == 0 {
             self.prefill_chunk
@@ -584,21 +628,30 @@ impl Generate for Engine {
             self.prefill_chunk.min(MIXED_PREFILL_CHUNK)
         };
         // How many prompt tokens each sequence runs in this pass (0: not in this pass).
-        let take: Vec<usize> = live
-            .iter()
-            .map(|s| {
-                if !s.prefilling() {
-                    return 1;
-                }
-                let at = s.cache.len();
-                let mut n = (s.prompt.len() - at).min(budget);
-                if let Some(l) = s.learn.filter(|&l| l > at) {
-                    n = n.min(l - at);
-                }
-                budget -= n;
-                n
-            })
-            .collect();
+        let mut take: Vec<usize> = Vec::with_capacity(live.len());
+        for (i, s) in live.iter().enumerate() {
+            if !s.prefilling() {
+                take.push(1);
+                continue;
+            }
+            let at = s.cache.len();
+            // Another prompt in this pass computes the next tokens this one needs: wait,
+            // and copy them at the next step.
+            let computed_by_another = live[..i]
+                .iter()
+                .zip(&take)
+                .any(|(t, &n)| n > 0 && t.prefilling() && t.cache.len() == at && t.shares(s) > at);
+            let mut n = if computed_by_another {
+                0
+            } else {
+                (s.prompt.len() - at).min(budget)
+            };
+            if let Some(l) = s.learn.filter(|&l| l > at) {
+                n = n.min(l - at);
+            }
+            budget -= n;
+            take.push(n);
+        }
         let mut in_pass: Vec<(&mut Seq, usize)> =
             live.into_iter().zip(take).filter(|(_, n)| *n > 0).collect();
         let n = in_pass.len();
@@ -668,6 +721,8 @@ impl Generate for Engine {
                 text.pop();
             }
         }
+        // A repair or a regeneration of this prompt may start from its cache.
+        self.prefixes.remember(&seq.prompt, seq.cache);
         let g = Generation {
             text,
             prompt_tokens: u32::try_from(seq.prompt.len()).unwrap_or(u32::MAX),

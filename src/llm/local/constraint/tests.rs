@@ -31,6 +31,7 @@ fn text(name: &str, max_chars: Option<usize>) -> SchemaField {
         name: name.into(),
         kind: FieldKind::Text { max_chars },
         min_chars: None,
+        hashtags: false,
     }
 }
 
@@ -54,6 +55,26 @@ fn amazon() -> OutputSchema {
                     item_max_chars: Some(255),
                 },
                 min_chars: None,
+                hashtags: false,
+            },
+        ],
+    }
+}
+
+fn social() -> OutputSchema {
+    OutputSchema {
+        name: "social".into(),
+        fields: vec![
+            text("post", Some(280)),
+            SchemaField {
+                name: "hashtags".into(),
+                kind: FieldKind::List {
+                    min_items: 1,
+                    max_items: 5,
+                    item_max_chars: Some(40),
+                },
+                min_chars: Some(2),
+                hashtags: true,
             },
         ],
     }
@@ -225,6 +246,7 @@ fn a_list_has_its_number_of_items() {
                 item_max_chars: Some(5),
             },
             min_chars: None,
+            hashtags: false,
         }],
     };
     assert!(accepts(&ranged, None, r#"{"l":["a"]}"#).is_ok());
@@ -415,6 +437,9 @@ fn check_output(schema: &OutputSchema, allowed: Option<&[String]>, out: &[u8]) {
                 assert!((min_items..=max_items).contains(&items.len()), "{s}");
                 for i in items {
                     let t = i.as_str().unwrap();
+                    if f.hashtags {
+                        assert!(HASHTAG.is_match(t), "{t:?} in {s}");
+                    }
                     assert!(t.chars().count() <= item_max_chars.unwrap_or(DEFAULT_MAX_CHARS));
                     strings.push(t.to_string());
                 }
@@ -429,6 +454,52 @@ fn check_output(schema: &OutputSchema, allowed: Option<&[String]>, out: &[u8]) {
             }
         }
     }
+}
+
+static HASHTAG: std::sync::LazyLock<Regex> =
+    std::sync::LazyLock::new(|| Regex::new(r"^#[\p{L}\p{N}]+$").unwrap());
+
+#[test]
+fn hashtag_items_are_a_hash_then_letters_and_digits() {
+    let j = |tags: &str| format!(r#"{{"post":"A lamp.","hashtags":[{tags}]}}"#);
+    for good in [
+        r##""#Lamp""##,
+        r##""#Lamp","#Licht2024","#Größe""##,
+        r##""#日本語","#café""##,
+    ] {
+        assert!(accepts(&social(), None, &j(good)).is_ok(), "{good}");
+    }
+    for bad in [
+        r##""Lamp""##,
+        r##""#""##,
+        r###""##Lamp""###,
+        r##""#smart home""##,
+        r##""#smart-home""##,
+        r##""#Lamp!""##,
+        r##"" #Lamp""##,
+        r##""#Lamp","Desk""##,
+        r##""#Lamp—x""##,
+    ] {
+        assert!(accepts(&social(), None, &j(bad)).is_err(), "{bad}");
+    }
+    // the post is free text: a space or a dash is fine there
+    assert!(accepts(
+        &social(),
+        None,
+        r##"{"post":"#smart home - yes","hashtags":["#Home"]}"##
+    )
+    .is_ok());
+    // at a hashtag's start only tokens that begin with `#` are allowed
+    let mut c = constraint(&social(), None, 200);
+    feed_text(&mut c, r#"{"post":"A lamp.","hashtags":[""#).unwrap();
+    let m = mask(&mut c);
+    let allowed: Vec<u32> = (0..m.len() as u32).filter(|&i| m[i as usize]).collect();
+    assert!(!allowed.is_empty());
+    assert!(
+        allowed.iter().all(|&i| show(i).starts_with('#')),
+        "{:?}",
+        allowed.iter().map(|&i| show(i)).collect::<Vec<_>>()
+    );
 }
 
 fn walk(
@@ -497,12 +568,16 @@ proptest! {
     #[test]
     fn random_walks_end_in_valid_grounded_json(
         seed in any::<u64>(),
-        amazon_channel in any::<bool>(),
+        channel in 0u8..3,
         extra in 0usize..120,
         numbers in proptest::option::of(proptest::collection::vec(
             "[0-9]{1,4}([.,][0-9]{1,3})?", 0..6)),
     ) {
-        let schema = if amazon_channel { amazon() } else { seo() };
+        let schema = match channel {
+            0 => seo(),
+            1 => amazon(),
+            _ => social(),
+        };
         let c = JsonConstraint::new(&schema, numbers.as_deref(), tokenizer(), 0);
         let max_new = c.cost(&c.state) as usize + extra;
         walk(&schema, numbers.as_deref(), max_new, seed, 0.3);
