@@ -370,6 +370,7 @@ pub async fn remote(
         sampling: None,
         threads: 0,
         prefix_cache: true,
+        prompt_memory_mib: crate::llm::local::prefix::REMEMBERED_BYTES >> 20,
         simulated_latency_ms: 0,
         rate_limit: Default::default(),
     };

@@ -218,6 +218,11 @@ pub struct ProviderSettings {
     /// Decided by the first provider that loads a model file.
     #[serde(default = "default_true")]
     pub prefix_cache: bool,
+    /// Local: MiB of KV cache kept of the last prompts answered, so that a repair or a
+    /// regeneration, which repeats its first prompt up to the end of the product data, reads
+    /// only what follows (about 11 MiB per 500-token prompt for SmolLM2-135M; 0: none kept).
+    #[serde(default = "default_prompt_memory_mib")]
+    pub prompt_memory_mib: usize,
     /// Stub only: pretend each generation takes this long (benchmarks, fault tests).
     #[serde(default)]
     pub simulated_latency_ms: u64,
@@ -264,6 +269,10 @@ fn default_request_retries() -> u32 {
 }
 fn default_true() -> bool {
     true
+}
+
+fn default_prompt_memory_mib() -> usize {
+    crate::llm::local::prefix::REMEMBERED_BYTES >> 20
 }
 
 impl Default for HttpSettings {
@@ -338,6 +347,7 @@ impl Default for Settings {
                 sampling: None,
                 threads: 0,
                 prefix_cache: true,
+                prompt_memory_mib: default_prompt_memory_mib(),
                 simulated_latency_ms: 0,
                 rate_limit: RateLimit::default(),
             },
@@ -356,6 +366,7 @@ impl Default for Settings {
                 sampling: None,
                 threads: 0,
                 prefix_cache: true,
+                prompt_memory_mib: default_prompt_memory_mib(),
                 simulated_latency_ms: 0,
                 rate_limit: RateLimit::default(),
             },
@@ -374,6 +385,7 @@ impl Default for Settings {
                 sampling: None,
                 threads: 0,
                 prefix_cache: true,
+                prompt_memory_mib: default_prompt_memory_mib(),
                 simulated_latency_ms: 0,
                 rate_limit: RateLimit::default(),
             },

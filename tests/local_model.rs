@@ -443,13 +443,19 @@ async fn batched_decoding_gives_the_same_tokens() {
         let mut refs: Vec<_> = seqs.iter_mut().collect();
         batched.step(&mut refs).unwrap();
     }
+    let mut copied = Vec::new();
     for (i, (s, a)) in seqs.into_iter().zip(&alone).enumerate() {
         let (g, t) = batched.finish(s).unwrap();
         assert_eq!(g.text, a.text, "request {i}");
         assert_eq!(g.completion_tokens, a.completion_tokens, "request {i}");
         assert!(t.batch >= 2, "request {i} ran alone");
+        copied.push(t.cached_prompt_tokens);
     }
     assert!(alone[1].text.starts_with('{'), "{}", alone[1].text);
+    // The second request of each channel, started with the first, waited for it and copied
+    // the channel's shared instructions from its cache instead of computing them again.
+    assert_eq!(copied[0], 0, "{copied:?}");
+    assert!(copied[1] >= 64 && copied[3] >= 64, "{copied:?}");
 }
 
 fn softmax(l: &[f32]) -> Vec<f32> {

@@ -211,6 +211,7 @@ async fn load_model(
     }
     let (mut engine, tokenizer, context_len) = build.map_err(join_err)??;
     engine.set_prefix_cache(s.prefix_cache);
+    engine.set_remembered_bytes(s.prompt_memory_mib << 20);
     let runner = Runner::spawn(
         engine,
         &format!("model-{}", file.entry.name),

@@ -13,7 +13,7 @@
 //! task) is skipped, or dropped at the next step.
 //!
 //! [`Engine`] is the candle-free llama of [`super::model`]: chat template -> prompt ids ->
-//! prefill in chunks (from the longest shared-prefix snapshot, [`super::prefix`]) -> sample
+//! prefill in chunks (from the longest cached shared start, [`super::prefix`]) -> sample
 //! on the last position's logits -> one token per step, until end of turn, `max_new_tokens` or
 //! the context length. A request with a schema is decoded under a [`JsonConstraint`].
 //! Because the model computes each sequence's numbers independently of the others, a
@@ -583,7 +583,7 @@ impl Generate for Engine {
         let constraint = constraint_for(req, &self.tokenizer, max_new);
         timings.tokenize = t0.elapsed();
         // The prompt is run in the passes of `step`, next to other sequences' tokens; a
-        // shared prefix comes from a snapshot when one is held.
+        // shared start comes from a snapshot or a remembered prompt when one fits.
         let plan = self.prefixes.plan(&prompt, 1);
         timings.cached_prompt_tokens = plan.cached();
         let mut cache = plan.cache.map_or_else(|| self.model.new_cache(), |c| *c);

@@ -184,6 +184,7 @@ pub fn remote_provider(base_url: &str) -> ProviderSettings {
         sampling: None,
         threads: 0,
         prefix_cache: true,
+        prompt_memory_mib: enricher::llm::local::prefix::REMEMBERED_BYTES >> 20,
         simulated_latency_ms: 0,
         rate_limit: Default::default(),
     }
