@@ -111,12 +111,12 @@ fn is_hashtag_char(c: char) -> bool {
     hashtag_char_in(u32::from(c), u32::from(c))
 }
 
-/// Whether the character begun in `s` (`need` continuation bytes due) can still end as a
-/// character a hashtag may hold.
+/// Whether the character begun in `s` (`need` continuation bytes due; none: it is
+/// complete) is, or can still end as, a character a hashtag may hold.
 fn hashtag_char_possible(s: &Str) -> bool {
     let n = u32::from(s.need);
     if n == 0 {
-        return true;
+        return hashtag_char_in(s.cp, s.cp);
     }
     let low_bits = 6 * (n - 1);
     let base = s.cp << (6 * n);
@@ -644,11 +644,7 @@ impl JsonConstraint {
                     }
                     if s.need == 0 {
                         let c = char::from_u32(s.cp)?;
-                        if c.is_control()
-                            || is_unicode_digit(c)
-                            || (s.empty && c.is_whitespace())
-                            || (hashtag && !is_hashtag_char(c))
-                        {
+                        if c.is_control() || is_unicode_digit(c) || (s.empty && c.is_whitespace()) {
                             return None;
                         }
                         s.empty = false;

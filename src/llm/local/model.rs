@@ -6,7 +6,8 @@
 //! runs a list of [`Step`]s — each a sequence and the tokens to add to it (a prompt chunk,
 //! or one sampled token) — through the layers together: the matmuls see all the steps'
 //! rows at once, so the weights are read once for the whole batch ([`super::kernels`]);
-//! attention is done per sequence against its own cache. It returns the logits of each step's last token.
+//! attention is done per sequence against its own cache. It returns the logits of each
+//! step's last token.
 //!
 //! Exactness: every row's numbers depend only on that row and its own sequence's cache
 //! (the kernels compute each output element the same way whatever else is in the batch,

@@ -163,8 +163,8 @@ impl PrefixCache {
             .unwrap_or(0)
             .min(most);
         let shared = shared - shared % align.max(1);
-        let learn =
-            (shared >= MIN_PREFIX && shared > start && shared > snapshot_len).then_some(shared);
+        // `start` is at least the snapshot's length: learn only what no cache holds yet
+        let learn = (shared >= MIN_PREFIX && shared > start).then_some(shared);
         if self.recent.len() == RECENT {
             self.recent.pop_back();
         }

@@ -35,6 +35,19 @@ fn text(name: &str, max_chars: Option<usize>) -> SchemaField {
     }
 }
 
+fn list(name: &str, min_items: usize, max_items: usize, item_max: Option<usize>) -> SchemaField {
+    SchemaField {
+        name: name.into(),
+        kind: FieldKind::List {
+            min_items,
+            max_items,
+            item_max_chars: item_max,
+        },
+        min_chars: None,
+        hashtags: false,
+    }
+}
+
 fn seo() -> OutputSchema {
     OutputSchema {
         name: "seo".into(),
@@ -45,19 +58,7 @@ fn seo() -> OutputSchema {
 fn amazon() -> OutputSchema {
     OutputSchema {
         name: "amazon".into(),
-        fields: vec![
-            text("title", Some(200)),
-            SchemaField {
-                name: "bullets".into(),
-                kind: FieldKind::List {
-                    min_items: 5,
-                    max_items: 5,
-                    item_max_chars: Some(255),
-                },
-                min_chars: None,
-                hashtags: false,
-            },
-        ],
+        fields: vec![text("title", Some(200)), list("bullets", 5, 5, Some(255))],
     }
 }
 
@@ -67,14 +68,9 @@ fn social() -> OutputSchema {
         fields: vec![
             text("post", Some(280)),
             SchemaField {
-                name: "hashtags".into(),
-                kind: FieldKind::List {
-                    min_items: 1,
-                    max_items: 5,
-                    item_max_chars: Some(40),
-                },
                 min_chars: Some(2),
                 hashtags: true,
+                ..list("hashtags", 1, 5, Some(40))
             },
         ],
     }
@@ -238,16 +234,7 @@ fn a_list_has_its_number_of_items() {
     assert!(accepts(&amazon(), None, &obj(6)).is_err());
     let ranged = OutputSchema {
         name: "r".into(),
-        fields: vec![SchemaField {
-            name: "l".into(),
-            kind: FieldKind::List {
-                min_items: 1,
-                max_items: 3,
-                item_max_chars: Some(5),
-            },
-            min_chars: None,
-            hashtags: false,
-        }],
+        fields: vec![list("l", 1, 3, Some(5))],
     };
     assert!(accepts(&ranged, None, r#"{"l":["a"]}"#).is_ok());
     assert!(accepts(&ranged, None, r#"{"l":["a","b","c"]}"#).is_ok());
