@@ -39,13 +39,13 @@ struct FileQ8_0 {
     qs: [i8; QK],
 }
 
-/// Q4_1 repacked at load time with f32 scales (the same values: f16 widens exactly), so
-/// the kernels broadcast them straight from memory instead of converting each one.
+/// Q4_1 repacked at load time with an f32 scale (the same value: f16 widens exactly), so
+/// the kernels broadcast it straight from memory instead of converting each one. The
+/// block's offset `m` is kept apart, in a row-major array of its own ([`Data::Q4_1`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct BlockQ4_1 {
     d: f32,
-    m: f32,
     qs: [u8; QK / 2],
 }
 
@@ -57,19 +57,17 @@ pub struct BlockQ8_0 {
     qs: [i8; QK],
 }
 
-/// An activation block: `value = d * q`; `s = d * sum(q)` (for Q4_1's offset term).
+/// An activation block: `value = d * q`.
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug)]
 pub struct BlockQ8 {
     d: f32,
-    s: f32,
     qs: [i8; QK],
 }
 
 impl BlockQ8 {
     const ZERO: Self = Self {
         d: 0.0,
-        s: 0.0,
         qs: [0; QK],
     };
 }
@@ -88,7 +86,13 @@ pub struct Weights {
 }
 
 enum Data {
-    Q4_1(Vec<BlockQ4_1>),
+    /// The blocks, and each block's offset `m` (same order): Q4_1's offset term of a dot
+    /// product, `sum over blocks of m * d_x * sum(q_x)`, is then a short f32 dot product
+    /// of a weight row's offsets with the activation row's block sums.
+    Q4_1 {
+        blocks: Vec<BlockQ4_1>,
+        mins: Vec<f32>,
+    },
     Q8_0(Vec<BlockQ8_0>),
     F32(Vec<f32>),
     Candle(QMatMul),
@@ -97,7 +101,7 @@ enum Data {
 impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match &self.data {
-            Data::Q4_1(_) => "q4_1",
+            Data::Q4_1 { .. } => "q4_1",
             Data::Q8_0(_) => "q8_0",
             Data::F32(_) => "f32",
             Data::Candle(_) => "candle",
@@ -148,15 +152,16 @@ impl Weights {
                     if v.len() != blocks {
                         return Err(err(format!("{} blocks, expected {blocks}", v.len())));
                     }
-                    Data::Q4_1(
-                        v.iter()
+                    Data::Q4_1 {
+                        blocks: v
+                            .iter()
                             .map(|b| BlockQ4_1 {
                                 d: f16(b.d),
-                                m: f16(b.m),
                                 qs: b.qs,
                             })
                             .collect(),
-                    )
+                        mins: v.iter().map(|b| f16(b.m)).collect(),
+                    }
                 } else {
                     let v = blocks_from_bytes(&bytes, FileQ8_0 { d: 0, qs: [0; QK] });
                     if v.len() != blocks {
@@ -206,7 +211,9 @@ impl Weights {
     /// Bytes held by the weights.
     pub fn size_in_bytes(&self) -> usize {
         match &self.data {
-            Data::Q4_1(v) => std::mem::size_of_val(v.as_slice()),
+            Data::Q4_1 { blocks, mins } => {
+                std::mem::size_of_val(blocks.as_slice()) + std::mem::size_of_val(mins.as_slice())
+            }
             Data::Q8_0(v) => std::mem::size_of_val(v.as_slice()),
             Data::F32(v) => std::mem::size_of_val(v.as_slice()),
             Data::Candle(_) => 0,
@@ -220,12 +227,14 @@ impl Weights {
             return None;
         }
         match &self.data {
-            Data::Q4_1(v) => {
-                for (b, o) in v[r * c / QK..(r + 1) * c / QK]
+            Data::Q4_1 { blocks, mins } => {
+                let row = r * c / QK..(r + 1) * c / QK;
+                for ((b, &m), o) in blocks[row.clone()]
                     .iter()
+                    .zip(&mins[row])
                     .zip(out.chunks_exact_mut(QK))
                 {
-                    let (d, m) = (b.d, b.m);
+                    let d = b.d;
                     for j in 0..QK / 2 {
                         o[j] = f32::from(b.qs[j] & 0x0F) * d + m;
                         o[j + QK / 2] = f32::from(b.qs[j] >> 4) * d + m;
@@ -258,21 +267,53 @@ impl Weights {
         out: &mut [f32],
         scratch: &mut Scratch,
     ) -> Result<(), candle_core::Error> {
-        let (n, k) = (self.rows, self.cols);
-        assert_eq!(x.len(), m * k, "activation shape");
+        matmuls(x, m, &mut [(self, out)], scratch)
+    }
+}
+
+/// Several products of the same activations (`m` rows of `x`), each `(weights, out)` as in
+/// [`Weights::matmul`]: the activations are quantised once for all of them (q, k and v
+/// share their input, and so do the feed-forward gate and up projections).
+pub fn matmuls(
+    x: &[f32],
+    m: usize,
+    products: &mut [(&Weights, &mut [f32])],
+    scratch: &mut Scratch,
+) -> Result<(), candle_core::Error> {
+    let Some(k) = products.first().map(|(w, _)| w.cols) else {
+        return Ok(());
+    };
+    assert_eq!(x.len(), m * k, "activation shape");
+    let quantised = |w: &Weights| matches!(w.data, Data::Q4_1 { .. } | Data::Q8_0(_));
+    if products.iter().any(|(w, _)| quantised(w)) {
+        quantize_rows(x, &mut scratch.q8, &mut scratch.sums);
+    }
+    let (q8, sums, nb) = (&scratch.q8, &scratch.sums, k / QK);
+    for (w, out) in products.iter_mut() {
+        let n = w.rows;
+        assert_eq!(w.cols, k, "weights share the input width");
         assert_eq!(out.len(), m * n, "output shape");
-        match &self.data {
-            Data::Q4_1(w) => {
-                quantize_rows(x, k, &mut scratch.q8);
-                tiled(w, &scratch.q8, m, k, n, out, &mut scratch.t, dot_q4_1);
-            }
-            Data::Q8_0(w) => {
-                quantize_rows(x, k, &mut scratch.q8);
-                tiled(w, &scratch.q8, m, k, n, out, &mut scratch.t, dot_q8_0);
-            }
-            Data::F32(w) => {
-                tiled(w, x, m, k, n, out, &mut scratch.t, dot_f32);
-            }
+        match &w.data {
+            Data::Q4_1 { blocks, mins } => tiled((m, k, n), out, |wr, ai, res| {
+                let a = pick(q8, ai, nb);
+                dot_q4_1(&blocks[wr.start * nb..wr.end * nb], &a[..ai.len()], res);
+                for (r, res) in wr.zip(res.iter_mut()) {
+                    for (&i, res) in ai.iter().zip(res.iter_mut()) {
+                        *res += dot_f32_1(&mins[r * nb..][..nb], &sums[i * nb..][..nb]);
+                    }
+                }
+            }),
+            Data::Q8_0(blocks) => tiled((m, k, n), out, |wr, ai, res| {
+                let a = pick(q8, ai, nb);
+                dot_q8_0(&blocks[wr.start * nb..wr.end * nb], &a[..ai.len()], res);
+            }),
+            Data::F32(wd) => tiled((m, k, n), out, |wr, ai, res| {
+                for (r, res) in wr.zip(res.iter_mut()) {
+                    for (&i, res) in ai.iter().zip(res.iter_mut()) {
+                        *res = dot_f32_1(&wd[r * k..][..k], &x[i * k..][..k]);
+                    }
+                }
+            }),
             Data::Candle(q) => {
                 use candle_core::Module;
                 let t = candle_core::Tensor::from_slice(x, (m, k), &candle_core::Device::Cpu)?;
@@ -280,23 +321,26 @@ impl Weights {
                 out.copy_from_slice(&y);
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// Buffers a matmul reuses.
 #[derive(Default)]
 pub struct Scratch {
     q8: Vec<BlockQ8>,
-    t: Vec<f32>,
+    /// `d * sum(q)` of each block of `q8`.
+    sums: Vec<f32>,
 }
 
-/// Quantises each row of `x` (rows of `k` values) to [`BlockQ8`].
-fn quantize_rows(x: &[f32], k: usize, out: &mut Vec<BlockQ8>) {
+/// Quantises `x` (rows whose length is a multiple of [`QK`]) to [`BlockQ8`] blocks and
+/// their sums, in parallel for large inputs (a block depends on its own 32 values only).
+fn quantize_rows(x: &[f32], out: &mut Vec<BlockQ8>, sums: &mut Vec<f32>) {
     out.clear();
     out.resize(x.len() / QK, BlockQ8::ZERO);
-    debug_assert_eq!(k % QK, 0);
-    for (xs, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
+    sums.clear();
+    sums.resize(x.len() / QK, 0.0);
+    let one = |((xs, b), s): ((&[f32], &mut BlockQ8), &mut f32)| {
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
         let id = if d > 0.0 { 1.0 / d } else { 0.0 };
@@ -307,64 +351,83 @@ fn quantize_rows(x: &[f32], k: usize, out: &mut Vec<BlockQ8>) {
             sum += i32::from(*q);
         }
         b.d = d;
-        b.s = d * sum as f32;
+        *s = d * sum as f32;
+    };
+    if x.len() >= PARALLEL_WORK {
+        x.par_chunks_exact(QK)
+            .zip(out.par_iter_mut())
+            .zip(sums.par_iter_mut())
+            .with_min_len(256)
+            .for_each(one);
+    } else {
+        x.chunks_exact(QK)
+            .zip(out.iter_mut())
+            .zip(sums.iter_mut())
+            .for_each(one);
     }
 }
+
+/// Work (multiply-adds, or values) below which a loop stays on the calling thread.
+const PARALLEL_WORK: usize = 1 << 16;
 
 /// Weight rows per parallel task.
 const ROWS_PER_TASK: usize = 16;
 
-/// The shared loop: parallel over blocks of weight rows; each weight row is dotted with
-/// every activation row (`dot` takes one weight row and up to four activation rows).
-#[allow(clippy::too_many_arguments)]
-fn tiled<W: Sync, A: Sync>(
-    w: &[W],
-    a: &[A],
-    m: usize,
-    k: usize,
-    n: usize,
+/// Activation rows one kernel call takes.
+const ACT_ROWS: usize = 4;
+
+/// A pointer to `out` that tasks writing disjoint elements share.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: tiled's tasks write disjoint elements (their own columns) and nothing reads them
+// until every task is done.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+/// Activation rows `idx` (each `len` units long) of `v`, the last one repeated to fill
+/// [`ACT_ROWS`].
+fn pick<'a, T>(v: &'a [T], idx: &[usize], len: usize) -> [&'a [T]; ACT_ROWS] {
+    std::array::from_fn(|o| &v[idx[o.min(idx.len() - 1)] * len..][..len])
+}
+
+/// One task's results: `res[w][a]` for its weight rows and the current activation rows.
+type TaskResults = [[f32; ACT_ROWS]; ROWS_PER_TASK];
+
+/// The shared loop: parallel over blocks of [`ROWS_PER_TASK`] weight rows (output
+/// columns); a task walks the activation rows four at a time and dots each group with all
+/// of its weight rows, so its weights stay in L1 and each activation group is read once
+/// per task. `dot(weight rows, activation rows, res)` writes `res[w - first][a]` for each
+/// weight row `w` of the range and each (one to four) activation row index `a`. Results go
+/// straight to `out` (`m` x `n`).
+fn tiled(
+    (m, k, n): (usize, usize, usize),
     out: &mut [f32],
-    t: &mut Vec<f32>,
-    dot: fn(&[W], &[&[A]], &mut [f32]),
+    dot: impl Fn(std::ops::Range<usize>, &[usize], &mut TaskResults) + Sync,
 ) {
-    let wr = w.len() / n; // units of W per weight row
-    let ar = a.len() / m; // units of A per activation row
-    debug_assert_eq!(wr * n, w.len());
-    // Results land transposed (n x m: each task writes whole rows of `t`), then are copied.
-    t.clear();
-    t.resize(n * m, 0.0);
-    let body = |(ci, chunk): (usize, &mut [f32])| {
-        for (j, dst) in chunk.chunks_exact_mut(m).enumerate() {
-            let r = ci * ROWS_PER_TASK + j;
-            let wrow = &w[r * wr..(r + 1) * wr];
-            debug_assert!(k > 0);
-            let mut i = 0;
-            while i < m {
-                let take = (m - i).min(4);
-                let rows: [&[A]; 4] =
-                    std::array::from_fn(|o| &a[(i + o.min(take - 1)) * ar..][..ar]);
-                dot(wrow, &rows[..take], &mut dst[i..i + take]);
-                i += take;
+    assert_eq!(out.len(), m * n, "output shape");
+    let dst = SharedOut(out.as_mut_ptr());
+    let task = |t: usize| {
+        let dst = dst;
+        let (r0, r1) = (t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(n));
+        let mut res = [[0f32; ACT_ROWS]; ROWS_PER_TASK];
+        for i in (0..m).step_by(ACT_ROWS) {
+            let ai: [usize; ACT_ROWS] = std::array::from_fn(|o| i + o);
+            let ai = &ai[..(m - i).min(ACT_ROWS)];
+            dot(r0..r1, ai, &mut res);
+            for (r, res) in (r0..r1).zip(&res) {
+                for (&i, &v) in ai.iter().zip(res) {
+                    // SAFETY: i < m and r < r1 <= n, so the index is inside `out` (of
+                    // m * n elements, asserted above); column r belongs to this task alone.
+                    unsafe { *dst.0.add(i * n + r) = v };
+                }
             }
         }
     };
-    if n * m * k >= 1 << 16 {
-        t.par_chunks_mut(ROWS_PER_TASK * m)
-            .enumerate()
-            .for_each(body);
+    let tasks = n.div_ceil(ROWS_PER_TASK);
+    if n * m * k >= PARALLEL_WORK {
+        (0..tasks).into_par_iter().for_each(task);
     } else {
-        t.chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(body);
-    }
-    for (r, col) in t.chunks_exact(m).enumerate() {
-        for (i, &v) in col.iter().enumerate() {
-            out[i * n + r] = v;
-        }
-    }
-}
-
-fn dot_f32(w: &[f32], a: &[&[f32]], res: &mut [f32]) {
-    for (r, a) in res.iter_mut().zip(a) {
-        *r = dot_f32_1(w, a);
+        (0..tasks).for_each(task);
     }
 }
 
@@ -386,23 +449,51 @@ pub fn dot_f32_1(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Checks a kernel call's shape: whole weight rows (at most [`ROWS_PER_TASK`]) of the
+/// activation rows' length, one to four activation rows of the same length (what makes
+/// the unchecked loads in the AVX2 kernels sound). Returns the row length in blocks.
+fn check_shape<W, A>(w: &[W], a: &[&[A]]) -> usize {
+    let nb = a.first().map_or(0, |r| r.len());
+    assert!(
+        nb > 0
+            && w.len() % nb == 0
+            && w.len() / nb <= ROWS_PER_TASK
+            && a.len() <= ACT_ROWS
+            && a.iter().all(|r| r.len() == nb),
+        "kernel shape"
+    );
+    nb
+}
+
+/// Calls `avx2::$kernel::<N>` for `N` activation rows.
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
     target_feature = "fma"
 ))]
-fn dot_q4_1(w: &[BlockQ4_1], a: &[&[BlockQ8]], res: &mut [f32]) {
-    // SAFETY: AVX2 and FMA are enabled at compile time (cfg above); every activation row
-    // has as many blocks as the weight row (checked); loads are unaligned loads inside them.
-    assert!(a.iter().all(|r| r.len() == w.len()) && res.len() == a.len());
-    unsafe {
-        match a.len() {
-            1 => avx2::dot_q4_1::<1>(w, a, res),
-            2 => avx2::dot_q4_1::<2>(w, a, res),
-            3 => avx2::dot_q4_1::<3>(w, a, res),
-            _ => avx2::dot_q4_1::<4>(w, a, res),
+macro_rules! dispatch {
+    ($kernel:ident, $w:expr, $nb:expr, $a:expr, $res:expr) => {
+        match $a.len() {
+            1 => avx2::$kernel::<1>($w, $nb, $a, $res),
+            2 => avx2::$kernel::<2>($w, $nb, $a, $res),
+            3 => avx2::$kernel::<3>($w, $nb, $a, $res),
+            _ => avx2::$kernel::<4>($w, $nb, $a, $res),
         }
-    }
+    };
+}
+
+/// Q4_1 dot products of consecutive weight rows `w` with activation rows `a`, without
+/// the blocks' offset term (the caller adds it from the offsets and the block sums).
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+fn dot_q4_1(w: &[BlockQ4_1], a: &[&[BlockQ8]], res: &mut TaskResults) {
+    let nb = check_shape(w, a);
+    // SAFETY: AVX2 and FMA are enabled at compile time (cfg above); check_shape bounds
+    // the row counts and the rows' lengths.
+    unsafe { dispatch!(dot_q4_1, w, nb, a, res) }
 }
 
 #[cfg(not(all(
@@ -410,37 +501,34 @@ fn dot_q4_1(w: &[BlockQ4_1], a: &[&[BlockQ8]], res: &mut [f32]) {
     target_feature = "avx2",
     target_feature = "fma"
 )))]
-fn dot_q4_1(w: &[BlockQ4_1], a: &[&[BlockQ8]], res: &mut [f32]) {
-    for (r, a) in res.iter_mut().zip(a) {
-        let mut sum = 0f32;
-        for (x, y) in w.iter().zip(a) {
-            let mut s = 0i32;
-            for j in 0..QK / 2 {
-                s += i32::from(x.qs[j] & 0x0F) * i32::from(y.qs[j])
-                    + i32::from(x.qs[j] >> 4) * i32::from(y.qs[j + QK / 2]);
+fn dot_q4_1(w: &[BlockQ4_1], a: &[&[BlockQ8]], res: &mut TaskResults) {
+    let nb = check_shape(w, a);
+    for (w, res) in w.chunks_exact(nb).zip(res.iter_mut()) {
+        for (a, r) in a.iter().zip(res.iter_mut()) {
+            let mut sum = 0f32;
+            for (x, y) in w.iter().zip(a.iter()) {
+                let mut s = 0i32;
+                for j in 0..QK / 2 {
+                    s += i32::from(x.qs[j] & 0x0F) * i32::from(y.qs[j])
+                        + i32::from(x.qs[j] >> 4) * i32::from(y.qs[j + QK / 2]);
+                }
+                sum += s as f32 * (x.d * y.d);
             }
-            sum += s as f32 * (x.d * y.d) + x.m * y.s;
+            *r = sum;
         }
-        *r = sum;
     }
 }
 
+/// Q8_0 dot products of consecutive weight rows `w` with activation rows `a`.
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
     target_feature = "fma"
 ))]
-fn dot_q8_0(w: &[BlockQ8_0], a: &[&[BlockQ8]], res: &mut [f32]) {
+fn dot_q8_0(w: &[BlockQ8_0], a: &[&[BlockQ8]], res: &mut TaskResults) {
+    let nb = check_shape(w, a);
     // SAFETY: as for dot_q4_1.
-    assert!(a.iter().all(|r| r.len() == w.len()) && res.len() == a.len());
-    unsafe {
-        match a.len() {
-            1 => avx2::dot_q8_0::<1>(w, a, res),
-            2 => avx2::dot_q8_0::<2>(w, a, res),
-            3 => avx2::dot_q8_0::<3>(w, a, res),
-            _ => avx2::dot_q8_0::<4>(w, a, res),
-        }
-    }
+    unsafe { dispatch!(dot_q8_0, w, nb, a, res) }
 }
 
 #[cfg(not(all(
@@ -448,28 +536,36 @@ fn dot_q8_0(w: &[BlockQ8_0], a: &[&[BlockQ8]], res: &mut [f32]) {
     target_feature = "avx2",
     target_feature = "fma"
 )))]
-fn dot_q8_0(w: &[BlockQ8_0], a: &[&[BlockQ8]], res: &mut [f32]) {
-    for (r, a) in res.iter_mut().zip(a) {
-        let mut sum = 0f32;
-        for (x, y) in w.iter().zip(a) {
-            let s: i32 =
-                x.qs.iter()
-                    .zip(&y.qs)
-                    .map(|(&p, &q)| i32::from(p) * i32::from(q))
-                    .sum();
-            sum += s as f32 * (x.d * y.d);
+fn dot_q8_0(w: &[BlockQ8_0], a: &[&[BlockQ8]], res: &mut TaskResults) {
+    let nb = check_shape(w, a);
+    for (w, res) in w.chunks_exact(nb).zip(res.iter_mut()) {
+        for (a, r) in a.iter().zip(res.iter_mut()) {
+            let mut sum = 0f32;
+            for (x, y) in w.iter().zip(a.iter()) {
+                let s: i32 =
+                    x.qs.iter()
+                        .zip(&y.qs)
+                        .map(|(&p, &q)| i32::from(p) * i32::from(q))
+                        .sum();
+                sum += s as f32 * (x.d * y.d);
+            }
+            *r = sum;
         }
-        *r = sum;
     }
 }
 
+/// The AVX2 kernels. Weight rows go two at a time (one for an odd last row) against `N`
+/// activation rows (1 to 4), one accumulator per pair: each weight block is unpacked once
+/// for the `N` rows and each activation block loaded once for the two weight rows. Every
+/// (weight row, activation row) pair is summed by the same instructions in the same order
+/// whatever else is in the call, so results do not depend on batching.
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
     target_feature = "fma"
 ))]
 mod avx2 {
-    use super::{BlockQ4_1, BlockQ8, BlockQ8_0};
+    use super::{BlockQ4_1, BlockQ8, BlockQ8_0, TaskResults, ACT_ROWS};
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -490,48 +586,138 @@ mod avx2 {
         _mm256_cvtepi32_ps(p32)
     }
 
-    pub unsafe fn dot_q4_1<const N: usize>(w: &[BlockQ4_1], a: &[&[BlockQ8]], res: &mut [f32]) {
-        let mask = _mm_set1_epi8(0x0F);
-        let mut acc = [_mm256_setzero_ps(); N];
-        let mut summs = [0f32; N];
-        for (b, x) in w.iter().enumerate() {
-            let dx = _mm256_broadcast_ss(&x.d);
-            let mx = x.m;
-            let qs = _mm_loadu_si128(x.qs.as_ptr().cast());
-            let lo = _mm_and_si128(qs, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-            let bx = _mm256_set_m128i(hi, lo);
-            for r in 0..N {
-                let y = a[r].get_unchecked(b);
-                let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
-                let p = mul_sum_us8(bx, by);
-                let scale = _mm256_mul_ps(dx, _mm256_broadcast_ss(&y.d));
-                acc[r] = _mm256_fmadd_ps(scale, p, acc[r]);
-                summs[r] += mx * y.s;
-            }
+    /// Walks the weight rows of `w` (`nb` blocks each) in pairs, then the odd one.
+    #[inline(always)]
+    unsafe fn rows<T, const N: usize>(
+        w: &[T],
+        nb: usize,
+        a: &[&[BlockQ8]],
+        res: &mut TaskResults,
+        pair: impl Fn(*const T, usize, &[*const BlockQ8; N], &mut [[f32; ACT_ROWS]]),
+        one: impl Fn(*const T, usize, &[*const BlockQ8; N], &mut [[f32; ACT_ROWS]]),
+    ) {
+        let ap: [*const BlockQ8; N] = std::array::from_fn(|r| a.get_unchecked(r).as_ptr());
+        let n = w.len() / nb;
+        let mut j = 0;
+        while N > 1 && j + 2 <= n {
+            pair(w.as_ptr().add(j * nb), nb, &ap, &mut res[j..j + 2]);
+            j += 2;
         }
-        for r in 0..N {
-            res[r] = hsum(acc[r]) + summs[r];
+        while j < n {
+            one(w.as_ptr().add(j * nb), nb, &ap, &mut res[j..j + 1]);
+            j += 1;
         }
     }
 
-    pub unsafe fn dot_q8_0<const N: usize>(w: &[BlockQ8_0], a: &[&[BlockQ8]], res: &mut [f32]) {
-        let mut acc = [_mm256_setzero_ps(); N];
-        for (b, x) in w.iter().enumerate() {
-            let dx = _mm256_broadcast_ss(&x.d);
-            let bx = _mm256_loadu_si256(x.qs.as_ptr().cast());
-            let ax = _mm256_sign_epi8(bx, bx);
+    /// Safety: `w` holds whole rows of `nb` blocks, at most `TaskResults`' count; `a` has
+    /// `N` rows of `nb` blocks.
+    pub unsafe fn dot_q4_1<const N: usize>(
+        w: &[BlockQ4_1],
+        nb: usize,
+        a: &[&[BlockQ8]],
+        res: &mut TaskResults,
+    ) {
+        rows::<_, N>(
+            w,
+            nb,
+            a,
+            res,
+            |w, nb, a, res| q4_1::<2, N>(w, nb, a, res),
+            |w, nb, a, res| q4_1::<1, N>(w, nb, a, res),
+        );
+    }
+
+    /// `P` consecutive Q4_1 rows of `nb` blocks at `w` against the rows at `a`.
+    #[inline(always)]
+    unsafe fn q4_1<const P: usize, const N: usize>(
+        w: *const BlockQ4_1,
+        nb: usize,
+        a: &[*const BlockQ8; N],
+        res: &mut [[f32; ACT_ROWS]],
+    ) {
+        let mask = _mm_set1_epi8(0x0F);
+        let mut acc = [[_mm256_setzero_ps(); N]; P];
+        for b in 0..nb {
+            let mut bx = [_mm256_setzero_si256(); P];
+            let mut dx = [_mm256_setzero_ps(); P];
+            for p in 0..P {
+                let x = &*w.add(p * nb + b);
+                dx[p] = _mm256_broadcast_ss(&x.d);
+                let qs = _mm_loadu_si128(x.qs.as_ptr().cast());
+                let lo = _mm_and_si128(qs, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+                bx[p] = _mm256_set_m128i(hi, lo);
+            }
             for r in 0..N {
-                let y = a[r].get_unchecked(b);
+                let y = &*a[r].add(b);
                 let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
-                let sy = _mm256_sign_epi8(by, bx);
-                let p = mul_sum_us8(ax, sy);
-                let scale = _mm256_mul_ps(dx, _mm256_broadcast_ss(&y.d));
-                acc[r] = _mm256_fmadd_ps(scale, p, acc[r]);
+                let dy = _mm256_broadcast_ss(&y.d);
+                for p in 0..P {
+                    let prod = mul_sum_us8(bx[p], by);
+                    let scale = _mm256_mul_ps(dx[p], dy);
+                    acc[p][r] = _mm256_fmadd_ps(scale, prod, acc[p][r]);
+                }
             }
         }
-        for r in 0..N {
-            res[r] = hsum(acc[r]);
+        for p in 0..P {
+            for r in 0..N {
+                res[p][r] = hsum(acc[p][r]);
+            }
+        }
+    }
+
+    /// Safety: as for [`dot_q4_1`].
+    pub unsafe fn dot_q8_0<const N: usize>(
+        w: &[BlockQ8_0],
+        nb: usize,
+        a: &[&[BlockQ8]],
+        res: &mut TaskResults,
+    ) {
+        rows::<_, N>(
+            w,
+            nb,
+            a,
+            res,
+            |w, nb, a, res| q8_0::<2, N>(w, nb, a, res),
+            |w, nb, a, res| q8_0::<1, N>(w, nb, a, res),
+        );
+    }
+
+    /// `P` consecutive Q8_0 rows of `nb` blocks at `w` against the rows at `a`.
+    #[inline(always)]
+    unsafe fn q8_0<const P: usize, const N: usize>(
+        w: *const BlockQ8_0,
+        nb: usize,
+        a: &[*const BlockQ8; N],
+        res: &mut [[f32; ACT_ROWS]],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); N]; P];
+        for b in 0..nb {
+            let mut bx = [_mm256_setzero_si256(); P];
+            let mut ax = [_mm256_setzero_si256(); P];
+            let mut dx = [_mm256_setzero_ps(); P];
+            for p in 0..P {
+                let x = &*w.add(p * nb + b);
+                dx[p] = _mm256_broadcast_ss(&x.d);
+                bx[p] = _mm256_loadu_si256(x.qs.as_ptr().cast());
+                ax[p] = _mm256_sign_epi8(bx[p], bx[p]);
+            }
+            for r in 0..N {
+                let y = &*a[r].add(b);
+                let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
+                let dy = _mm256_broadcast_ss(&y.d);
+                for p in 0..P {
+                    let sy = _mm256_sign_epi8(by, bx[p]);
+                    let prod = mul_sum_us8(ax[p], sy);
+                    let scale = _mm256_mul_ps(dx[p], dy);
+                    acc[p][r] = _mm256_fmadd_ps(scale, prod, acc[p][r]);
+                }
+            }
+        }
+        for p in 0..P {
+            for r in 0..N {
+                res[p][r] = hsum(acc[p][r]);
+            }
         }
     }
 }

@@ -18,7 +18,7 @@ use candle_core::{quantized::gguf_file, Device};
 use half::f16;
 use rayon::prelude::*;
 
-use super::kernels::{dot_f32_1, KernelError, Scratch, Weights};
+use super::kernels::{self, dot_f32_1, KernelError, Scratch, Weights};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -511,9 +511,12 @@ impl Model {
         let (dim, kvd, m) = (c.dim, c.n_kv_head * c.head_dim, rows.len());
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(x, &layer.attn_norm, c.eps, h);
-            layer.wq.matmul(h, m, q, scratch)?;
-            layer.wk.matmul(h, m, k, scratch)?;
-            layer.wv.matmul(h, m, v, scratch)?;
+            kernels::matmuls(
+                h,
+                m,
+                &mut [(&layer.wq, q), (&layer.wk, k), (&layer.wv, v)],
+                scratch,
+            )?;
             for (i, &(_, pos)) in rows.iter().enumerate() {
                 self.rope(&mut q[i * dim..(i + 1) * dim], pos);
                 self.rope(&mut k[i * kvd..(i + 1) * kvd], pos);
@@ -543,10 +546,18 @@ impl Model {
             layer.wo.matmul(att, m, o, scratch)?;
             add(x, o);
             rms_norm(x, &layer.ffn_norm, c.eps, h);
-            layer.gate.matmul(h, m, g, scratch)?;
-            layer.up.matmul(h, m, u, scratch)?;
-            for (gi, ui) in g.iter_mut().zip(u.iter()) {
-                *gi = *gi / (1.0 + (-*gi).exp()) * ui;
+            kernels::matmuls(h, m, &mut [(&layer.gate, g), (&layer.up, u)], scratch)?;
+            let swiglu = |(g, u): (&mut [f32], &[f32])| {
+                for (gi, ui) in g.iter_mut().zip(u) {
+                    *gi = *gi / (1.0 + (-*gi).exp()) * ui;
+                }
+            };
+            if m > 1 {
+                g.par_chunks_mut(c.ffn)
+                    .zip(u.par_chunks(c.ffn))
+                    .for_each(swiglu);
+            } else {
+                swiglu((g, u));
             }
             layer.down.matmul(g, m, o, scratch)?;
             add(x, o);
