@@ -295,13 +295,10 @@ pub fn matmuls(
         assert_eq!(out.len(), m * n, "output shape");
         match &w.data {
             Data::Q4_1 { blocks, mins } => tiled((m, k, n), out, |wr, ai, res| {
-                let a = pick(q8, ai, nb);
-                dot_q4_1(&blocks[wr.start * nb..wr.end * nb], &a[..ai.len()], res);
-                for (r, res) in wr.zip(res.iter_mut()) {
-                    for (&i, res) in ai.iter().zip(res.iter_mut()) {
-                        *res += dot_f32_1(&mins[r * nb..][..nb], &sums[i * nb..][..nb]);
-                    }
-                }
+                let (a, s) = (pick(q8, ai, nb), pick(sums, ai, nb));
+                let w = wr.start * nb..wr.end * nb;
+                let (w, mins) = (&blocks[w.clone()], &mins[w]);
+                dot_q4_1(w, mins, &a[..ai.len()], &s[..ai.len()], res);
             }),
             Data::Q8_0(blocks) => tiled((m, k, n), out, |wr, ai, res| {
                 let a = pick(q8, ai, nb);
@@ -465,35 +462,49 @@ fn check_shape<W, A>(w: &[W], a: &[&[A]]) -> usize {
     nb
 }
 
-/// Calls `avx2::$kernel::<N>` for `N` activation rows.
+/// Calls `avx2::dot_q8_0::<N>` for `N` activation rows.
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
     target_feature = "fma"
 ))]
-macro_rules! dispatch {
-    ($kernel:ident, $w:expr, $nb:expr, $a:expr, $res:expr) => {
+macro_rules! dispatch_q8_0 {
+    ($w:expr, $nb:expr, $a:expr, $res:expr) => {
         match $a.len() {
-            1 => avx2::$kernel::<1>($w, $nb, $a, $res),
-            2 => avx2::$kernel::<2>($w, $nb, $a, $res),
-            3 => avx2::$kernel::<3>($w, $nb, $a, $res),
-            _ => avx2::$kernel::<4>($w, $nb, $a, $res),
+            1 => avx2::dot_q8_0::<1>($w, $nb, $a, $res),
+            2 => avx2::dot_q8_0::<2>($w, $nb, $a, $res),
+            3 => avx2::dot_q8_0::<3>($w, $nb, $a, $res),
+            _ => avx2::dot_q8_0::<4>($w, $nb, $a, $res),
         }
     };
 }
 
-/// Q4_1 dot products of consecutive weight rows `w` with activation rows `a`, without
-/// the blocks' offset term (the caller adds it from the offsets and the block sums).
+/// Q4_1 dot products of consecutive weight rows `w` (with their blocks' offsets `mins`)
+/// with activation rows `a` (with their blocks' sums `sums`).
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
     target_feature = "fma"
 ))]
-fn dot_q4_1(w: &[BlockQ4_1], a: &[&[BlockQ8]], res: &mut TaskResults) {
+fn dot_q4_1(
+    w: &[BlockQ4_1],
+    mins: &[f32],
+    a: &[&[BlockQ8]],
+    sums: &[&[f32]],
+    res: &mut TaskResults,
+) {
     let nb = check_shape(w, a);
-    // SAFETY: AVX2 and FMA are enabled at compile time (cfg above); check_shape bounds
-    // the row counts and the rows' lengths.
-    unsafe { dispatch!(dot_q4_1, w, nb, a, res) }
+    assert!(mins.len() == w.len() && sums.len() == a.len() && sums.iter().all(|s| s.len() == nb));
+    // SAFETY: AVX2 and FMA are enabled at compile time (cfg above); check_shape and the
+    // assertion bound the row counts and the rows' lengths.
+    unsafe {
+        match a.len() {
+            1 => avx2::dot_q4_1::<1>(w, mins, nb, a, sums, res),
+            2 => avx2::dot_q4_1::<2>(w, mins, nb, a, sums, res),
+            3 => avx2::dot_q4_1::<3>(w, mins, nb, a, sums, res),
+            _ => avx2::dot_q4_1::<4>(w, mins, nb, a, sums, res),
+        }
+    }
 }
 
 #[cfg(not(all(
@@ -501,10 +512,20 @@ fn dot_q4_1(w: &[BlockQ4_1], a: &[&[BlockQ8]], res: &mut TaskResults) {
     target_feature = "avx2",
     target_feature = "fma"
 )))]
-fn dot_q4_1(w: &[BlockQ4_1], a: &[&[BlockQ8]], res: &mut TaskResults) {
+fn dot_q4_1(
+    w: &[BlockQ4_1],
+    mins: &[f32],
+    a: &[&[BlockQ8]],
+    sums: &[&[f32]],
+    res: &mut TaskResults,
+) {
     let nb = check_shape(w, a);
-    for (w, res) in w.chunks_exact(nb).zip(res.iter_mut()) {
-        for (a, r) in a.iter().zip(res.iter_mut()) {
+    for ((w, mins), res) in w
+        .chunks_exact(nb)
+        .zip(mins.chunks_exact(nb))
+        .zip(res.iter_mut())
+    {
+        for ((a, sums), r) in a.iter().zip(sums).zip(res.iter_mut()) {
             let mut sum = 0f32;
             for (x, y) in w.iter().zip(a.iter()) {
                 let mut s = 0i32;
@@ -514,7 +535,7 @@ fn dot_q4_1(w: &[BlockQ4_1], a: &[&[BlockQ8]], res: &mut TaskResults) {
                 }
                 sum += s as f32 * (x.d * y.d);
             }
-            *r = sum;
+            *r = sum + dot_f32_1(mins, sums);
         }
     }
 }
@@ -528,7 +549,7 @@ fn dot_q4_1(w: &[BlockQ4_1], a: &[&[BlockQ8]], res: &mut TaskResults) {
 fn dot_q8_0(w: &[BlockQ8_0], a: &[&[BlockQ8]], res: &mut TaskResults) {
     let nb = check_shape(w, a);
     // SAFETY: as for dot_q4_1.
-    unsafe { dispatch!(dot_q8_0, w, nb, a, res) }
+    unsafe { dispatch_q8_0!(w, nb, a, res) }
 }
 
 #[cfg(not(all(
@@ -554,18 +575,19 @@ fn dot_q8_0(w: &[BlockQ8_0], a: &[&[BlockQ8]], res: &mut TaskResults) {
     }
 }
 
-/// The AVX2 kernels. Weight rows go two at a time (one for an odd last row) against `N`
-/// activation rows (1 to 4), one accumulator per pair: each weight block is unpacked once
-/// for the `N` rows and each activation block loaded once for the two weight rows. Every
+/// The AVX2 kernels: each weight row of the task against `N` activation rows (1 to 4),
+/// one accumulator per pair; a weight block is unpacked once for the `N` rows. Every
 /// (weight row, activation row) pair is summed by the same instructions in the same order
-/// whatever else is in the call, so results do not depend on batching.
+/// whatever else is in the call, so results do not depend on batching. (Two weight rows at
+/// a time were tried: no faster for prompts, and slower for decoding, which streams the
+/// weights from memory.)
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
     target_feature = "fma"
 ))]
 mod avx2 {
-    use super::{BlockQ4_1, BlockQ8, BlockQ8_0, TaskResults, ACT_ROWS};
+    use super::{BlockQ4_1, BlockQ8, BlockQ8_0, TaskResults};
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -586,137 +608,85 @@ mod avx2 {
         _mm256_cvtepi32_ps(p32)
     }
 
-    /// Walks the weight rows of `w` (`nb` blocks each) in pairs, then the odd one.
-    #[inline(always)]
-    unsafe fn rows<T, const N: usize>(
-        w: &[T],
+    /// Safety: `w` and `mins` hold whole rows of `nb` blocks, at most `TaskResults`'
+    /// count; `a` and `sums` have `N` rows of `nb` blocks.
+    ///
+    /// The offset term, `m * d_y * sum(q_y)` per block, joins the accumulators' lanes
+    /// eight blocks at a time.
+    pub unsafe fn dot_q4_1<const N: usize>(
+        w: &[BlockQ4_1],
+        mins: &[f32],
         nb: usize,
         a: &[&[BlockQ8]],
+        sums: &[&[f32]],
         res: &mut TaskResults,
-        pair: impl Fn(*const T, usize, &[*const BlockQ8; N], &mut [[f32; ACT_ROWS]]),
-        one: impl Fn(*const T, usize, &[*const BlockQ8; N], &mut [[f32; ACT_ROWS]]),
     ) {
-        let ap: [*const BlockQ8; N] = std::array::from_fn(|r| a.get_unchecked(r).as_ptr());
-        let n = w.len() / nb;
-        let mut j = 0;
-        while N > 1 && j + 2 <= n {
-            pair(w.as_ptr().add(j * nb), nb, &ap, &mut res[j..j + 2]);
-            j += 2;
-        }
-        while j < n {
-            one(w.as_ptr().add(j * nb), nb, &ap, &mut res[j..j + 1]);
-            j += 1;
+        let a: [*const BlockQ8; N] = std::array::from_fn(|r| a.get_unchecked(r).as_ptr());
+        let sums: [*const f32; N] = std::array::from_fn(|r| sums.get_unchecked(r).as_ptr());
+        let mask = _mm_set1_epi8(0x0F);
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        for (j, res) in res.iter_mut().take(w.len() / nb).enumerate() {
+            let (w, mins) = (w.as_ptr().add(j * nb), mins.as_ptr().add(j * nb));
+            let mut acc = [_mm256_setzero_ps(); N];
+            for b0 in (0..nb).step_by(8) {
+                let len = (nb - b0).min(8);
+                // Lanes 0..len (masked loads read nothing past them).
+                let take = _mm256_cmpgt_epi32(_mm256_set1_epi32(len as i32), lane);
+                let mv = _mm256_maskload_ps(mins.add(b0), take);
+                for r in 0..N {
+                    let sv = _mm256_maskload_ps(sums[r].add(b0), take);
+                    acc[r] = _mm256_fmadd_ps(mv, sv, acc[r]);
+                }
+                for b in b0..b0 + len {
+                    let x = &*w.add(b);
+                    let dx = _mm256_broadcast_ss(&x.d);
+                    let qs = _mm_loadu_si128(x.qs.as_ptr().cast());
+                    let lo = _mm_and_si128(qs, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
+                    let bx = _mm256_set_m128i(hi, lo);
+                    for r in 0..N {
+                        let y = &*a[r].add(b);
+                        let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
+                        let prod = mul_sum_us8(bx, by);
+                        let scale = _mm256_mul_ps(dx, _mm256_broadcast_ss(&y.d));
+                        acc[r] = _mm256_fmadd_ps(scale, prod, acc[r]);
+                    }
+                }
+            }
+            for r in 0..N {
+                res[r] = hsum(acc[r]);
+            }
         }
     }
 
     /// Safety: `w` holds whole rows of `nb` blocks, at most `TaskResults`' count; `a` has
     /// `N` rows of `nb` blocks.
-    pub unsafe fn dot_q4_1<const N: usize>(
-        w: &[BlockQ4_1],
-        nb: usize,
-        a: &[&[BlockQ8]],
-        res: &mut TaskResults,
-    ) {
-        rows::<_, N>(
-            w,
-            nb,
-            a,
-            res,
-            |w, nb, a, res| q4_1::<2, N>(w, nb, a, res),
-            |w, nb, a, res| q4_1::<1, N>(w, nb, a, res),
-        );
-    }
-
-    /// `P` consecutive Q4_1 rows of `nb` blocks at `w` against the rows at `a`.
-    #[inline(always)]
-    unsafe fn q4_1<const P: usize, const N: usize>(
-        w: *const BlockQ4_1,
-        nb: usize,
-        a: &[*const BlockQ8; N],
-        res: &mut [[f32; ACT_ROWS]],
-    ) {
-        let mask = _mm_set1_epi8(0x0F);
-        let mut acc = [[_mm256_setzero_ps(); N]; P];
-        for b in 0..nb {
-            let mut bx = [_mm256_setzero_si256(); P];
-            let mut dx = [_mm256_setzero_ps(); P];
-            for p in 0..P {
-                let x = &*w.add(p * nb + b);
-                dx[p] = _mm256_broadcast_ss(&x.d);
-                let qs = _mm_loadu_si128(x.qs.as_ptr().cast());
-                let lo = _mm_and_si128(qs, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), mask);
-                bx[p] = _mm256_set_m128i(hi, lo);
-            }
-            for r in 0..N {
-                let y = &*a[r].add(b);
-                let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
-                let dy = _mm256_broadcast_ss(&y.d);
-                for p in 0..P {
-                    let prod = mul_sum_us8(bx[p], by);
-                    let scale = _mm256_mul_ps(dx[p], dy);
-                    acc[p][r] = _mm256_fmadd_ps(scale, prod, acc[p][r]);
-                }
-            }
-        }
-        for p in 0..P {
-            for r in 0..N {
-                res[p][r] = hsum(acc[p][r]);
-            }
-        }
-    }
-
-    /// Safety: as for [`dot_q4_1`].
     pub unsafe fn dot_q8_0<const N: usize>(
         w: &[BlockQ8_0],
         nb: usize,
         a: &[&[BlockQ8]],
         res: &mut TaskResults,
     ) {
-        rows::<_, N>(
-            w,
-            nb,
-            a,
-            res,
-            |w, nb, a, res| q8_0::<2, N>(w, nb, a, res),
-            |w, nb, a, res| q8_0::<1, N>(w, nb, a, res),
-        );
-    }
-
-    /// `P` consecutive Q8_0 rows of `nb` blocks at `w` against the rows at `a`.
-    #[inline(always)]
-    unsafe fn q8_0<const P: usize, const N: usize>(
-        w: *const BlockQ8_0,
-        nb: usize,
-        a: &[*const BlockQ8; N],
-        res: &mut [[f32; ACT_ROWS]],
-    ) {
-        let mut acc = [[_mm256_setzero_ps(); N]; P];
-        for b in 0..nb {
-            let mut bx = [_mm256_setzero_si256(); P];
-            let mut ax = [_mm256_setzero_si256(); P];
-            let mut dx = [_mm256_setzero_ps(); P];
-            for p in 0..P {
-                let x = &*w.add(p * nb + b);
-                dx[p] = _mm256_broadcast_ss(&x.d);
-                bx[p] = _mm256_loadu_si256(x.qs.as_ptr().cast());
-                ax[p] = _mm256_sign_epi8(bx[p], bx[p]);
-            }
-            for r in 0..N {
-                let y = &*a[r].add(b);
-                let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
-                let dy = _mm256_broadcast_ss(&y.d);
-                for p in 0..P {
-                    let sy = _mm256_sign_epi8(by, bx[p]);
-                    let prod = mul_sum_us8(ax[p], sy);
-                    let scale = _mm256_mul_ps(dx[p], dy);
-                    acc[p][r] = _mm256_fmadd_ps(scale, prod, acc[p][r]);
+        let a: [*const BlockQ8; N] = std::array::from_fn(|r| a.get_unchecked(r).as_ptr());
+        for (j, res) in res.iter_mut().take(w.len() / nb).enumerate() {
+            let w = w.as_ptr().add(j * nb);
+            let mut acc = [_mm256_setzero_ps(); N];
+            for b in 0..nb {
+                let x = &*w.add(b);
+                let dx = _mm256_broadcast_ss(&x.d);
+                let bx = _mm256_loadu_si256(x.qs.as_ptr().cast());
+                let ax = _mm256_sign_epi8(bx, bx);
+                for r in 0..N {
+                    let y = &*a[r].add(b);
+                    let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
+                    let sy = _mm256_sign_epi8(by, bx);
+                    let prod = mul_sum_us8(ax, sy);
+                    let scale = _mm256_mul_ps(dx, _mm256_broadcast_ss(&y.d));
+                    acc[r] = _mm256_fmadd_ps(scale, prod, acc[r]);
                 }
             }
-        }
-        for p in 0..P {
             for r in 0..N {
-                res[p][r] = hsum(acc[p][r]);
+                res[r] = hsum(acc[r]);
             }
         }
     }

@@ -734,6 +734,23 @@ mod head {
             _mm_cvtss_f32(_mm_add_ss(lo, hi))
         }
 
+        /// [`hsum`] of each of eight vectors, as one vector. Within each 128-bit half,
+        /// hadd(a, b) gives (a0+a1, a2+a3, b0+b1, b2+b3); a second round gives
+        /// ((a0+a1)+(a2+a3), ...) for four vectors; the halves then hold lanes 0..4 and 4..8
+        /// of each vector, and one add joins them.
+        #[inline(always)]
+        unsafe fn hsum8(a: &[__m256; 8]) -> __m256 {
+            let h01 = _mm256_hadd_ps(a[0], a[1]);
+            let h23 = _mm256_hadd_ps(a[2], a[3]);
+            let h45 = _mm256_hadd_ps(a[4], a[5]);
+            let h67 = _mm256_hadd_ps(a[6], a[7]);
+            let g0 = _mm256_hadd_ps(h01, h23); // keys 0..4: low half lanes 0..4, high 4..8
+            let g1 = _mm256_hadd_ps(h45, h67); // keys 4..8
+            let lo = _mm256_permute2f128_ps(g0, g1, 0x20);
+            let hi = _mm256_permute2f128_ps(g0, g1, 0x31);
+            _mm256_add_ps(lo, hi)
+        }
+
         /// One key: eight lanes accumulated over the eight 8-wide chunks, in order.
         #[inline(always)]
         unsafe fn dot64(qv: &[__m256; 8], k: *const f16) -> __m256 {
@@ -749,18 +766,14 @@ mod head {
             let kp = k.as_ptr();
             let n = out.len();
             let mut j = 0;
-            // Four keys per round for instruction-level parallelism; each key's lanes are
-            // computed and summed exactly as in the one-key tail.
-            while j + 4 <= n {
-                let a0 = dot64(&qv, kp.add(j * 64));
-                let a1 = dot64(&qv, kp.add((j + 1) * 64));
-                let a2 = dot64(&qv, kp.add((j + 2) * 64));
-                let a3 = dot64(&qv, kp.add((j + 3) * 64));
-                out[j] = hsum(a0) * scale;
-                out[j + 1] = hsum(a1) * scale;
-                out[j + 2] = hsum(a2) * scale;
-                out[j + 3] = hsum(a3) * scale;
-                j += 4;
+            // Eight keys per round: their lanes are computed as in the one-key tail and
+            // summed by a tree of horizontal adds that adds each key's lanes in hsum's
+            // order, eight keys at once.
+            let sv = _mm256_set1_ps(scale);
+            while j + 8 <= n {
+                let a: [__m256; 8] = std::array::from_fn(|i| dot64(&qv, kp.add((j + i) * 64)));
+                _mm256_storeu_ps(out.as_mut_ptr().add(j), _mm256_mul_ps(hsum8(&a), sv));
+                j += 8;
             }
             while j < n {
                 out[j] = hsum(dot64(&qv, kp.add(j * 64))) * scale;

@@ -672,9 +672,18 @@ impl Generate for Engine {
                     }
                 })
                 .collect();
+            let rows: usize = steps.iter().map(|s| s.tokens.len()).sum();
+            let t = Instant::now();
             self.model
                 .forward(&mut steps, &mut self.ws, &mut self.logits)
                 .map_err(model_err("forward pass"))?;
+            tracing::trace!(
+                rows,
+                seqs = n,
+                decoding,
+                us = t.elapsed().as_micros(),
+                "pass"
+            );
         }
         self.check_vocab(n)?;
         let vocab = self.tokenizer.vocab_size();
