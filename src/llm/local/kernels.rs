@@ -381,6 +381,13 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
+impl SharedOut {
+    /// The pointer (a method, so closures capture the whole `Send + Sync` wrapper).
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Activation rows `idx` (each `len` units long) of `v`, the last one repeated to fill
 /// [`ACT_ROWS`].
 fn pick<'a, T>(v: &'a [T], idx: &[usize], len: usize) -> [&'a [T]; ACT_ROWS] {
@@ -404,7 +411,6 @@ fn tiled(
     assert_eq!(out.len(), m * n, "output shape");
     let dst = SharedOut(out.as_mut_ptr());
     let task = |t: usize| {
-        let dst = dst;
         let (r0, r1) = (t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(n));
         let mut res = [[0f32; ACT_ROWS]; ROWS_PER_TASK];
         for i in (0..m).step_by(ACT_ROWS) {
@@ -415,7 +421,7 @@ fn tiled(
                 for (&i, &v) in ai.iter().zip(res) {
                     // SAFETY: i < m and r < r1 <= n, so the index is inside `out` (of
                     // m * n elements, asserted above); column r belongs to this task alone.
-                    unsafe { *dst.0.add(i * n + r) = v };
+                    unsafe { *dst.get().add(i * n + r) = v };
                 }
             }
         }
