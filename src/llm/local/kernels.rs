@@ -468,23 +468,6 @@ fn check_shape<W, A>(w: &[W], a: &[&[A]]) -> usize {
     nb
 }
 
-/// Calls `avx2::dot_q8_0::<N>` for `N` activation rows.
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
-macro_rules! dispatch_q8_0 {
-    ($w:expr, $nb:expr, $a:expr, $res:expr) => {
-        match $a.len() {
-            1 => avx2::dot_q8_0::<1>($w, $nb, $a, $res),
-            2 => avx2::dot_q8_0::<2>($w, $nb, $a, $res),
-            3 => avx2::dot_q8_0::<3>($w, $nb, $a, $res),
-            _ => avx2::dot_q8_0::<4>($w, $nb, $a, $res),
-        }
-    };
-}
-
 /// Q4_1 dot products of consecutive weight rows `w` (with their blocks' offsets `mins`)
 /// with activation rows `a` (with their blocks' sums `sums`).
 #[cfg(all(
@@ -555,7 +538,14 @@ fn dot_q4_1(
 fn dot_q8_0(w: &[BlockQ8_0], a: &[&[BlockQ8]], res: &mut TaskResults) {
     let nb = check_shape(w, a);
     // SAFETY: as for dot_q4_1.
-    unsafe { dispatch_q8_0!(w, nb, a, res) }
+    unsafe {
+        match a.len() {
+            1 => avx2::dot_q8_0::<1>(w, nb, a, res),
+            2 => avx2::dot_q8_0::<2>(w, nb, a, res),
+            3 => avx2::dot_q8_0::<3>(w, nb, a, res),
+            _ => avx2::dot_q8_0::<4>(w, nb, a, res),
+        }
+    }
 }
 
 #[cfg(not(all(
