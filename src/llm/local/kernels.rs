@@ -285,15 +285,39 @@ pub fn matmuls(
     };
     assert_eq!(x.len(), m * k, "activation shape");
     let quantised = |w: &Weights| matches!(w.data, Data::Q4_1 { .. } | Data::Q8_0(_));
+    let nb = k / QK;
+    let wide = scratch.isa == Isa::Avx512;
     if products.iter().any(|(w, _)| quantised(w)) {
         quantize_rows(x, &mut scratch.q8, &mut scratch.sums);
+        if wide {
+            pair_rows(
+                &scratch.q8,
+                nb,
+                &mut scratch.pairs,
+                &mut scratch.pair_scales,
+            );
+        }
     }
-    let (q8, sums, nb) = (&scratch.q8, &scratch.sums, k / QK);
+    let (q8, sums) = (&scratch.q8, &scratch.sums);
+    let (pairs, pair_scales, np) = (&scratch.pairs, &scratch.pair_scales, nb.div_ceil(2));
     for (w, out) in products.iter_mut() {
         let n = w.rows;
         assert_eq!(w.cols, k, "weights share the input width");
         assert_eq!(out.len(), m * n, "output shape");
         match &w.data {
+            Data::Q4_1 { blocks, mins } if wide => tiled((m, k, n), out, |wr, ai, res| {
+                let (a, d) = (pick(pairs, ai, np), pick(pair_scales, ai, np));
+                let s = pick(sums, ai, nb);
+                let w = wr.start * nb..wr.end * nb;
+                let (w, mins) = (&blocks[w.clone()], &mins[w]);
+                let n = ai.len();
+                wide::dot_q4_1(w, mins, nb, &a[..n], &d[..n], &s[..n], res);
+            }),
+            Data::Q8_0(blocks) if wide => tiled((m, k, n), out, |wr, ai, res| {
+                let (a, d) = (pick(pairs, ai, np), pick(pair_scales, ai, np));
+                let w = &blocks[wr.start * nb..wr.end * nb];
+                wide::dot_q8_0(w, nb, &a[..ai.len()], &d[..ai.len()], res);
+            }),
             Data::Q4_1 { blocks, mins } => tiled((m, k, n), out, |wr, ai, res| {
                 let (a, s) = (pick(q8, ai, nb), pick(sums, ai, nb));
                 let w = wr.start * nb..wr.end * nb;
@@ -322,12 +346,131 @@ pub fn matmuls(
     Ok(())
 }
 
-/// Buffers a matmul reuses.
-#[derive(Default)]
+/// Which kernels run the quantised products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// The build's own: AVX2 + FMA in the default x86-64-v3 build, plain Rust elsewhere.
+    Baseline,
+    /// AVX-512 (F, BW, DQ) with VNNI: two blocks per instruction and one `vpdpbusd` for
+    /// the integer dot products. Chosen at run time when the CPU has it.
+    Avx512,
+}
+
+impl Isa {
+    /// The best this CPU runs, unless `ENRICHER_KERNELS=baseline` (or `avx2`) asks for the
+    /// build's own kernels (to compare them). Decided once per process, so every product
+    /// in it is computed the same way.
+    pub fn detect() -> Isa {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            let wanted = std::env::var("ENRICHER_KERNELS").unwrap_or_default();
+            let isa = if matches!(wanted.as_str(), "baseline" | "avx2") {
+                Isa::Baseline
+            } else {
+                Isa::best()
+            };
+            tracing::debug!(?isa, "local model kernels");
+            isa
+        })
+    }
+
+    /// The best kernels this CPU can run.
+    pub fn best() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+        {
+            return Isa::Avx512;
+        }
+        Isa::Baseline
+    }
+}
+
+/// Two consecutive activation blocks' quants (the second zero past a row's end), the
+/// layout the AVX-512 kernels load in one instruction.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug)]
+pub struct PairQ8([i8; 2 * QK]);
+
+/// The two blocks' scales of a [`PairQ8`], each repeated over the eight lanes its block's
+/// integer sums land in.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug)]
+pub struct PairScales([f32; 16]);
+
+/// Buffers a matmul reuses, and the kernels it runs.
 pub struct Scratch {
+    isa: Isa,
     q8: Vec<BlockQ8>,
     /// `d * sum(q)` of each block of `q8`.
     sums: Vec<f32>,
+    /// `q8` again, in pairs of blocks per row ([`Isa::Avx512`] only).
+    pairs: Vec<PairQ8>,
+    pair_scales: Vec<PairScales>,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::with_isa(Isa::detect())
+    }
+}
+
+impl Scratch {
+    /// Buffers for products computed by `isa`'s kernels (which the CPU must run:
+    /// [`Isa::best`] says which it does).
+    pub fn with_isa(isa: Isa) -> Self {
+        let isa = if isa == Isa::Avx512 && Isa::best() != Isa::Avx512 {
+            Isa::Baseline
+        } else {
+            isa
+        };
+        Self {
+            isa,
+            q8: Vec::new(),
+            sums: Vec::new(),
+            pairs: Vec::new(),
+            pair_scales: Vec::new(),
+        }
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+}
+
+/// Copies rows of `nb` blocks of `q8` into pairs of blocks (`nb.div_ceil(2)` per row, the
+/// last one padded with zeros when `nb` is odd).
+fn pair_rows(q8: &[BlockQ8], nb: usize, pairs: &mut Vec<PairQ8>, scales: &mut Vec<PairScales>) {
+    let np = nb.div_ceil(2);
+    let rows = q8.len() / nb;
+    pairs.clear();
+    pairs.resize(rows * np, PairQ8([0; 2 * QK]));
+    scales.clear();
+    scales.resize(rows * np, PairScales([0.0; 16]));
+    let one = |((row, p), s): ((&[BlockQ8], &mut [PairQ8]), &mut [PairScales])| {
+        for ((blocks, p), s) in row.chunks(2).zip(p).zip(s) {
+            for (h, b) in blocks.iter().enumerate() {
+                p.0[h * QK..(h + 1) * QK].copy_from_slice(&b.qs);
+                s.0[h * 8..(h + 1) * 8].fill(b.d);
+            }
+        }
+    };
+    if q8.len() * QK >= PARALLEL_WORK {
+        q8.par_chunks_exact(nb)
+            .zip(pairs.par_chunks_exact_mut(np))
+            .zip(scales.par_chunks_exact_mut(np))
+            .with_min_len(8)
+            .for_each(one);
+    } else {
+        q8.chunks_exact(nb)
+            .zip(pairs.chunks_exact_mut(np))
+            .zip(scales.chunks_exact_mut(np))
+            .for_each(one);
+    }
 }
 
 /// Quantises `x` (rows whose length is a multiple of [`QK`]) to [`BlockQ8`] blocks and
@@ -459,7 +602,7 @@ fn check_shape<W, A>(w: &[W], a: &[&[A]]) -> usize {
     let nb = a.first().map_or(0, |r| r.len());
     assert!(
         nb > 0
-            && w.len() % nb == 0
+            && w.len().is_multiple_of(nb)
             && w.len() / nb <= ROWS_PER_TASK
             && a.len() <= ACT_ROWS
             && a.iter().all(|r| r.len() == nb),
@@ -688,6 +831,236 @@ mod avx2 {
     }
 }
 
+/// The AVX-512 kernels ([`Isa::Avx512`]), for the CPUs that have it, chosen at run time:
+/// the loop of [`avx2`], but each step takes two blocks (64 quants) per register, and one
+/// `vpdpbusd` replaces `vpmaddubsw` + `vpmaddwd`. Activations come in pairs of blocks
+/// ([`PairQ8`]) with their scales spread over the lanes ([`PairScales`]). Each (weight row,
+/// activation row) pair is again summed by the same instructions in the same order
+/// whatever else is in the call. The integer sums are those of the AVX2 kernels; the float
+/// sums are grouped differently, so results differ from [`Isa::Baseline`]'s in the last
+/// bits (a process uses one kind throughout: [`Isa::detect`]).
+mod wide {
+    use super::{BlockQ4_1, BlockQ8_0, Isa, PairQ8, PairScales, TaskResults};
+    use super::{ACT_ROWS, ROWS_PER_TASK};
+
+    /// Checks a call: whole weight rows of `nb` blocks (at most [`ROWS_PER_TASK`]), one to
+    /// [`ACT_ROWS`] activation rows of `nb.div_ceil(2)` pairs, and a CPU with AVX-512
+    /// (what makes the unchecked loads and the instructions sound).
+    fn check(w_len: usize, nb: usize, a: &[&[PairQ8]], d: &[&[PairScales]]) {
+        let np = nb.div_ceil(2);
+        assert!(
+            nb > 0
+                && w_len.is_multiple_of(nb)
+                && w_len / nb <= ROWS_PER_TASK
+                && !a.is_empty()
+                && a.len() <= ACT_ROWS
+                && a.len() == d.len()
+                && a.iter().zip(d).all(|(a, d)| a.len() == np && d.len() == np),
+            "kernel shape"
+        );
+        assert_eq!(
+            Isa::best(),
+            Isa::Avx512,
+            "AVX-512 kernels on a CPU without AVX-512"
+        );
+    }
+
+    /// Q4_1 as [`super::dot_q4_1`], activations in pairs.
+    pub fn dot_q4_1(
+        w: &[BlockQ4_1],
+        mins: &[f32],
+        nb: usize,
+        a: &[&[PairQ8]],
+        d: &[&[PairScales]],
+        sums: &[&[f32]],
+        res: &mut TaskResults,
+    ) {
+        check(w.len(), nb, a, d);
+        assert!(
+            mins.len() == w.len() && sums.len() == a.len() && sums.iter().all(|s| s.len() == nb)
+        );
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512 F/BW/DQ/VNNI, AVX2 and FMA, and the shapes are
+        // checked (above).
+        unsafe {
+            match a.len() {
+                1 => imp::dot_q4_1::<1>(w, mins, nb, a, d, sums, res),
+                2 => imp::dot_q4_1::<2>(w, mins, nb, a, d, sums, res),
+                3 => imp::dot_q4_1::<3>(w, mins, nb, a, d, sums, res),
+                _ => imp::dot_q4_1::<4>(w, mins, nb, a, d, sums, res),
+            }
+        }
+    }
+
+    /// Q8_0 as [`super::dot_q8_0`], activations in pairs.
+    pub fn dot_q8_0(
+        w: &[BlockQ8_0],
+        nb: usize,
+        a: &[&[PairQ8]],
+        d: &[&[PairScales]],
+        res: &mut TaskResults,
+    ) {
+        check(w.len(), nb, a, d);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as for dot_q4_1.
+        unsafe {
+            match a.len() {
+                1 => imp::dot_q8_0::<1>(w, nb, a, d, res),
+                2 => imp::dot_q8_0::<2>(w, nb, a, d, res),
+                3 => imp::dot_q8_0::<3>(w, nb, a, d, res),
+                _ => imp::dot_q8_0::<4>(w, nb, a, d, res),
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod imp {
+        use super::super::{BlockQ4_1, BlockQ8_0, PairQ8, PairScales, TaskResults};
+        use std::arch::x86_64::*;
+
+        /// The sum of the sixteen lanes, in a fixed order.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+        unsafe fn hsum(v: __m512) -> f32 {
+            let h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+            let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            _mm_cvtss_f32(s)
+        }
+
+        /// `[d0; 8] ++ [d1; 8]`: two weight blocks' scales over their lanes.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512dq,avx2")]
+        unsafe fn scales(d0: f32, d1: f32) -> __m512 {
+            _mm512_insertf32x8(
+                _mm512_castps256_ps512(_mm256_set1_ps(d0)),
+                _mm256_set1_ps(d1),
+                1,
+            )
+        }
+
+        /// Mask of the first `n` (at most 16) lanes.
+        #[inline]
+        fn first(n: usize) -> __mmask16 {
+            if n >= 16 {
+                0xFFFF
+            } else {
+                (1u16 << n) - 1
+            }
+        }
+
+        /// Safety: AVX-512 F/BW/DQ/VNNI; `w` and `mins` hold whole rows of `nb` blocks, at
+        /// most `TaskResults`' count; `a` and `d` have `N` rows of `nb.div_ceil(2)` pairs,
+        /// `sums` `N` rows of `nb` values.
+        ///
+        /// The offset term, `m * d_y * sum(q_y)` per block, joins the accumulators' lanes
+        /// sixteen blocks at a time.
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma")]
+        pub unsafe fn dot_q4_1<const N: usize>(
+            w: &[BlockQ4_1],
+            mins: &[f32],
+            nb: usize,
+            a: &[&[PairQ8]],
+            d: &[&[PairScales]],
+            sums: &[&[f32]],
+            res: &mut TaskResults,
+        ) {
+            let a: [*const PairQ8; N] = std::array::from_fn(|r| a.get_unchecked(r).as_ptr());
+            let d: [*const PairScales; N] = std::array::from_fn(|r| d.get_unchecked(r).as_ptr());
+            let sums: [*const f32; N] = std::array::from_fn(|r| sums.get_unchecked(r).as_ptr());
+            let mask = _mm256_set1_epi8(0x0F);
+            let np = nb.div_ceil(2);
+            for (j, res) in res.iter_mut().take(w.len() / nb).enumerate() {
+                let (w, mins) = (w.as_ptr().add(j * nb), mins.as_ptr().add(j * nb));
+                let mut acc = [_mm512_setzero_ps(); N];
+                for b0 in (0..nb).step_by(16) {
+                    let take = first(nb - b0);
+                    let mv = _mm512_maskz_loadu_ps(take, mins.add(b0));
+                    for r in 0..N {
+                        let sv = _mm512_maskz_loadu_ps(take, sums[r].add(b0));
+                        acc[r] = _mm512_fmadd_ps(mv, sv, acc[r]);
+                    }
+                }
+                for p in 0..np {
+                    let x0 = &*w.add(2 * p);
+                    let q0 = _mm_loadu_si128(x0.qs.as_ptr().cast());
+                    let (q1, d1) = if 2 * p + 1 < nb {
+                        let x1 = &*w.add(2 * p + 1);
+                        (_mm_loadu_si128(x1.qs.as_ptr().cast()), x1.d)
+                    } else {
+                        (_mm_setzero_si128(), 0.0)
+                    };
+                    // [q0, q1] -> nibbles [lo0, lo1] and [hi0, hi1] -> [lo0, hi0, lo1, hi1]:
+                    // block 0's 32 quants in the low half, block 1's in the high half.
+                    let v = _mm256_set_m128i(q1, q0);
+                    let lo = _mm256_and_si256(v, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    let z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                    let bx = _mm512_shuffle_i64x2(z, z, 0b11_01_10_00);
+                    let dx = scales(x0.d, d1);
+                    for r in 0..N {
+                        let by = _mm512_load_si512(a[r].add(p).cast());
+                        let sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bx, by);
+                        let scale = _mm512_mul_ps(dx, _mm512_load_ps(d[r].add(p).cast()));
+                        acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sum), acc[r]);
+                    }
+                }
+                for r in 0..N {
+                    res[r] = hsum(acc[r]);
+                }
+            }
+        }
+
+        /// Safety: AVX-512 F/BW/DQ/VNNI; `w` holds whole rows of `nb` blocks, at most
+        /// `TaskResults`' count; `a` and `d` have `N` rows of `nb.div_ceil(2)` pairs.
+        ///
+        /// `vpdpbusd` multiplies unsigned by signed bytes: the weights go in as their
+        /// magnitudes and their signs move to the activations (as `vpsignb` does in AVX2).
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma")]
+        pub unsafe fn dot_q8_0<const N: usize>(
+            w: &[BlockQ8_0],
+            nb: usize,
+            a: &[&[PairQ8]],
+            d: &[&[PairScales]],
+            res: &mut TaskResults,
+        ) {
+            let a: [*const PairQ8; N] = std::array::from_fn(|r| a.get_unchecked(r).as_ptr());
+            let d: [*const PairScales; N] = std::array::from_fn(|r| d.get_unchecked(r).as_ptr());
+            let np = nb.div_ceil(2);
+            let zero = _mm512_setzero_si512();
+            for (j, res) in res.iter_mut().take(w.len() / nb).enumerate() {
+                let w = w.as_ptr().add(j * nb);
+                let mut acc = [_mm512_setzero_ps(); N];
+                for p in 0..np {
+                    let x0 = &*w.add(2 * p);
+                    let q0 = _mm256_loadu_si256(x0.qs.as_ptr().cast());
+                    let (q1, d1) = if 2 * p + 1 < nb {
+                        let x1 = &*w.add(2 * p + 1);
+                        (_mm256_loadu_si256(x1.qs.as_ptr().cast()), x1.d)
+                    } else {
+                        (_mm256_setzero_si256(), 0.0)
+                    };
+                    let bx = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+                    let ax = _mm512_abs_epi8(bx);
+                    let negative = _mm512_movepi8_mask(bx);
+                    let dx = scales(x0.d, d1);
+                    for r in 0..N {
+                        let by = _mm512_load_si512(a[r].add(p).cast());
+                        let sy = _mm512_mask_sub_epi8(by, negative, zero, by);
+                        let sum = _mm512_dpbusd_epi32(zero, ax, sy);
+                        let scale = _mm512_mul_ps(dx, _mm512_load_ps(d[r].add(p).cast()));
+                        acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sum), acc[r]);
+                    }
+                }
+                for r in 0..N {
+                    res[r] = hsum(acc[r]);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
@@ -721,8 +1094,25 @@ pub(super) mod tests {
             .collect()
     }
 
+    /// Every kernel kind this CPU runs ([`Isa::Baseline`] always).
+    pub(in crate::llm::local) fn kinds() -> Vec<Isa> {
+        let mut v = vec![Isa::Baseline];
+        if Isa::best() != Isa::Baseline {
+            v.push(Isa::best());
+        }
+        v
+    }
+
     fn check(dtype: GgmlDType) {
-        let (k, n) = (128, 40);
+        for isa in kinds() {
+            // 4 blocks a row, and 3 (an odd count: the wide kernels' last pair is half).
+            check_with(dtype, isa, 128);
+            check_with(dtype, isa, 96);
+        }
+    }
+
+    fn check_with(dtype: GgmlDType, isa: Isa, k: usize) {
+        let n = 40;
         let w = data(n * k, 7);
         let wt = Tensor::from_slice(&w, (n, k), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&wt, dtype).unwrap();
@@ -735,7 +1125,8 @@ pub(super) mod tests {
             .to_vec1::<f32>()
             .unwrap();
         let weights = Weights::from_qtensor("w", q).unwrap();
-        let mut scratch = Scratch::default();
+        let mut scratch = Scratch::with_isa(isa);
+        assert_eq!(scratch.isa(), isa);
         let mut single = Vec::new();
         for m in [1usize, 3, 4, 7, 9] {
             let x = data(m * k, 11);
@@ -744,13 +1135,20 @@ pub(super) mod tests {
             weights.matmul(&x, m, &mut got, &mut scratch).unwrap();
             let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() <= 0.02 * scale, "{dtype:?} m={m}: {g} vs {w}");
+                assert!(
+                    (g - w).abs() <= 0.02 * scale,
+                    "{dtype:?} {isa:?} k={k} m={m}: {g} vs {w}"
+                );
             }
             // Row 0 is the same whatever rides along with it.
             if m == 1 {
                 single = got[..n].to_vec();
             } else {
-                assert_eq!(&got[..n], &single[..], "{dtype:?} m={m}: row 0 changed");
+                assert_eq!(
+                    &got[..n],
+                    &single[..],
+                    "{dtype:?} {isa:?} m={m}: row 0 changed"
+                );
             }
         }
         // Row lookup gives the dequantised weights (types only candle reads have none).
