@@ -581,10 +581,12 @@ impl Model {
 
     /// Causal attention of every row's query heads over its own sequence's cache.
     ///
-    /// Work is split by (sequence, query head, block of rows), so even one decoding row
-    /// keeps every core busy. Each query's scores, softmax and weighted sum are computed by
-    /// the same instructions whatever else is in its block or pass ([`head`]), so results
-    /// do not depend on batching or chunking.
+    /// Work is split by (sequence, kv head, block of rows), so even one decoding row
+    /// keeps every core busy; a work item computes the query heads that share its kv
+    /// head together, so each key and value is loaded and widened from f16 once for all
+    /// of them. Each query's scores, softmax and weighted sum are computed by the same
+    /// instructions whatever else is in its block or pass ([`head`]), so results do not
+    /// depend on batching or chunking.
     fn attention(
         &self,
         q: &[f32],
@@ -597,40 +599,42 @@ impl Model {
         let c = &self.cfg;
         let (hd, dim) = (c.head_dim, c.dim);
         let group = c.n_head / c.n_kv_head;
+        let gw = group * hd;
         let scale = 1.0 / (hd as f32).sqrt();
-        // (step, query head, first row, end row); a step's rows are contiguous.
+        // (step, kv head, first row, end row); a step's rows are contiguous.
         let mut items = Vec::new();
         let mut r = 0;
         while r < rows.len() {
             let s = rows[r].0;
             let end = rows[r..].iter().take_while(|x| x.0 == s).count() + r;
             for a in (r..end).step_by(BLOCK) {
-                for h in 0..c.n_head {
-                    items.push((s, h, a, (a + BLOCK).min(end)));
+                for g in 0..c.n_kv_head {
+                    items.push((s, g, a, (a + BLOCK).min(end)));
                 }
             }
             r = end;
         }
-        let work = |&(s, h, a, b): &(usize, usize, usize, usize)| -> Vec<f32> {
+        let work = |&(s, g, a, b): &(usize, usize, usize, usize)| -> Vec<f32> {
             let (kc, vc) = caches[s];
-            let (kh, vh) = (&kc[h / group], &vc[h / group]);
-            let mut scores = vec![0f32; rows[b - 1].1 + 1];
-            let mut acc = vec![0f32; (b - a) * hd];
-            for (i, o) in (a..b).zip(acc.chunks_exact_mut(hd)) {
+            let (kh, vh) = (&kc[g], &vc[g]);
+            let longest = rows[b - 1].1 + 1;
+            let mut scores = vec![0f32; group * longest.next_multiple_of(8)];
+            let mut acc = vec![0f32; (b - a) * gw];
+            let mut sums = Vec::with_capacity(group);
+            for (i, o) in (a..b).zip(acc.chunks_exact_mut(gw)) {
                 let n = rows[i].1 + 1;
-                let qh = &q[i * dim + h * hd..i * dim + (h + 1) * hd];
-                let sc = &mut scores[..n];
-                head::scores(qh, &kh[..n * hd], scale, sc);
-                let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let mut sum = 0f32;
-                for x in sc.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                head::weighted_sum(sc, &vh[..n * hd], o);
-                let inv = 1.0 / sum;
-                for x in o.iter_mut() {
-                    *x *= inv;
+                // The query heads of kv head `g` are contiguous in the row.
+                let qg = &q[i * dim + g * gw..i * dim + (g + 1) * gw];
+                let sc = &mut scores[..group * n];
+                head::scores(qg, group, &kh[..n * hd], scale, sc);
+                sums.clear();
+                sums.extend(sc.chunks_exact_mut(n).map(head::softmax));
+                head::weighted_sum(sc, group, &vh[..n * hd], o);
+                for (o, &sum) in o.chunks_exact_mut(hd).zip(&sums) {
+                    let inv = 1.0 / sum;
+                    for x in o.iter_mut() {
+                        *x *= inv;
+                    }
                 }
             }
             acc
@@ -641,68 +645,135 @@ impl Model {
         } else {
             items.iter().map(work).collect()
         };
-        for (&(_, h, a, _), acc) in items.iter().zip(&results) {
-            for (i, o) in (a..).zip(acc.chunks_exact(hd)) {
-                out[i * dim + h * hd..i * dim + (h + 1) * hd].copy_from_slice(o);
+        for (&(_, g, a, _), acc) in items.iter().zip(&results) {
+            for (i, o) in (a..).zip(acc.chunks_exact(gw)) {
+                out[i * dim + g * gw..i * dim + (g + 1) * gw].copy_from_slice(o);
             }
         }
     }
 }
 
-/// One query head against a head's f16 keys and values. Every key's score and every
-/// value's weight go through the same instructions whatever the number of keys, so a
-/// query's result depends only on the query and the cache.
+/// Query heads against their kv head's f16 keys and values. Every key's score and every
+/// value's weight go through the same instructions whatever the number of keys or of heads
+/// computed together, so a query's result depends only on the query and the cache.
 mod head {
     use half::f16;
 
-    /// `out[j] = dot(q, k_j) * scale` for the `out.len()` rows of `k` (rows of `q.len()`).
-    pub fn scores(q: &[f32], k: &[f16], scale: f32, out: &mut [f32]) {
-        debug_assert_eq!(k.len(), out.len() * q.len());
+    /// For each of the `heads` queries in `q` (rows of `d = q.len() / heads`) and each of
+    /// the `n = out.len() / heads` rows of `k`: `out[h * n + j] = dot(q_h, k_j) * scale`.
+    pub fn scores(q: &[f32], heads: usize, k: &[f16], scale: f32, out: &mut [f32]) {
+        let (d, n) = (q.len() / heads, out.len() / heads);
+        assert!(q.len() == heads * d && out.len() == heads * n && k.len() == n * d);
         #[cfg(all(
             target_arch = "x86_64",
             target_feature = "avx2",
             target_feature = "fma",
             target_feature = "f16c"
         ))]
-        if q.len() == 64 {
-            // SAFETY: the CPU features are enabled at compile time (cfg); `k` holds
-            // `out.len()` rows of 64 (asserted above in debug, and by the slicing callers do).
-            assert_eq!(k.len(), out.len() * 64);
-            unsafe { avx2::scores64(q, k, scale, out) };
-            return;
-        }
-        let d = q.len();
-        for (o, kj) in out.iter_mut().zip(k.chunks_exact(d)) {
-            let mut acc = [0f32; 8];
-            for (qc, kc) in q.chunks(8).zip(kj.chunks(8)) {
-                for (l, (&a, &b)) in qc.iter().zip(kc).enumerate() {
-                    acc[l] = a.mul_add(b.to_f32(), acc[l]);
+        if d == 64 {
+            // SAFETY: the CPU features are enabled at compile time (cfg); the lengths are
+            // asserted above.
+            unsafe {
+                match heads {
+                    1 => return avx2::scores64::<1>(q, k, scale, out),
+                    2 => return avx2::scores64::<2>(q, k, scale, out),
+                    3 => return avx2::scores64::<3>(q, k, scale, out),
+                    4 => return avx2::scores64::<4>(q, k, scale, out),
+                    _ => {
+                        for h in 0..heads {
+                            avx2::scores64::<1>(
+                                &q[h * 64..(h + 1) * 64],
+                                k,
+                                scale,
+                                &mut out[h * n..(h + 1) * n],
+                            );
+                        }
+                        return;
+                    }
                 }
             }
-            *o = ((acc[0] + acc[1]) + (acc[2] + acc[3]) + ((acc[4] + acc[5]) + (acc[6] + acc[7])))
-                * scale;
+        }
+        for (qh, out) in q.chunks_exact(d).zip(out.chunks_exact_mut(n)) {
+            for (o, kj) in out.iter_mut().zip(k.chunks_exact(d)) {
+                let mut acc = [0f32; 8];
+                for (qc, kc) in qh.chunks(8).zip(kj.chunks(8)) {
+                    for (l, (&a, &b)) in qc.iter().zip(kc).enumerate() {
+                        acc[l] = a.mul_add(b.to_f32(), acc[l]);
+                    }
+                }
+                *o = ((acc[0] + acc[1])
+                    + (acc[2] + acc[3])
+                    + ((acc[4] + acc[5]) + (acc[6] + acc[7])))
+                    * scale;
+            }
         }
     }
 
-    /// `out = sum_j w[j] * v_j` over the `w.len()` rows of `v` (rows of `out.len()`).
-    pub fn weighted_sum(w: &[f32], v: &[f16], out: &mut [f32]) {
-        debug_assert_eq!(v.len(), w.len() * out.len());
+    /// Turns scores into `exp(x - max)` in place and returns their sum.
+    pub fn softmax(x: &mut [f32]) -> f32 {
+        let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ))]
+        // SAFETY: the CPU features are enabled at compile time (cfg).
+        unsafe {
+            avx2::exp_sum(x, max)
+        }
+        #[cfg(not(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        )))]
+        {
+            let mut sum = 0f32;
+            for v in x.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            sum
+        }
+    }
+
+    /// For each of the `heads` weight rows in `w` (of `n` weights each): `out_h = sum_j
+    /// w_h[j] * v_j` over the `n` rows of `v` (rows of `d = out.len() / heads`).
+    pub fn weighted_sum(w: &[f32], heads: usize, v: &[f16], out: &mut [f32]) {
+        let (d, n) = (out.len() / heads, w.len() / heads);
+        assert!(out.len() == heads * d && w.len() == heads * n && v.len() == n * d);
         #[cfg(all(
             target_arch = "x86_64",
             target_feature = "avx2",
             target_feature = "fma",
             target_feature = "f16c"
         ))]
-        if out.len() == 64 {
+        if d == 64 {
             // SAFETY: as for `scores`.
-            assert_eq!(v.len(), w.len() * 64);
-            unsafe { avx2::weighted_sum64(w, v, out) };
-            return;
+            unsafe {
+                match heads {
+                    1 => return avx2::weighted_sum64::<1>(w, v, out),
+                    2 => return avx2::weighted_sum64::<2>(w, v, out),
+                    3 => return avx2::weighted_sum64::<3>(w, v, out),
+                    4 => return avx2::weighted_sum64::<4>(w, v, out),
+                    _ => {
+                        for h in 0..heads {
+                            avx2::weighted_sum64::<1>(
+                                &w[h * n..(h + 1) * n],
+                                v,
+                                &mut out[h * 64..(h + 1) * 64],
+                            );
+                        }
+                        return;
+                    }
+                }
+            }
         }
-        out.fill(0.0);
-        for (&wj, vj) in w.iter().zip(v.chunks_exact(out.len())) {
-            for (o, &x) in out.iter_mut().zip(vj) {
-                *o = wj.mul_add(x.to_f32(), *o);
+        for (wh, out) in w.chunks_exact(n).zip(out.chunks_exact_mut(d)) {
+            out.fill(0.0);
+            for (&wj, vj) in wh.iter().zip(v.chunks_exact(d)) {
+                for (o, &x) in out.iter_mut().zip(vj) {
+                    *o = wj.mul_add(x.to_f32(), *o);
+                }
             }
         }
     }
@@ -751,48 +822,144 @@ mod head {
             _mm256_add_ps(lo, hi)
         }
 
-        /// One key: eight lanes accumulated over the eight 8-wide chunks, in order.
+        /// One key against `G` queries: for each, eight lanes accumulated over the eight
+        /// 8-wide chunks, in order. The key's chunks are widened once for all queries.
         #[inline(always)]
-        unsafe fn dot64(qv: &[__m256; 8], k: *const f16) -> __m256 {
-            let mut acc = _mm256_mul_ps(qv[0], load8(k));
-            for (c, qc) in qv.iter().enumerate().skip(1) {
-                acc = _mm256_fmadd_ps(*qc, load8(k.add(c * 8)), acc);
+        unsafe fn dot64<const G: usize>(q: *const f32, k: *const f16) -> [__m256; G] {
+            let k0 = load8(k);
+            let mut acc: [__m256; G] =
+                std::array::from_fn(|h| _mm256_mul_ps(_mm256_loadu_ps(q.add(h * 64)), k0));
+            for c in 1..8 {
+                let kc = load8(k.add(c * 8));
+                for (h, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(h * 64 + c * 8)), kc, *a);
+                }
             }
             acc
         }
 
-        pub unsafe fn scores64(q: &[f32], k: &[f16], scale: f32, out: &mut [f32]) {
-            let qv: [__m256; 8] = std::array::from_fn(|c| _mm256_loadu_ps(q.as_ptr().add(c * 8)));
-            let kp = k.as_ptr();
-            let n = out.len();
+        /// Safety: AVX2, FMA, F16C; `q` holds `G` rows of 64, `k` `n` rows of 64 and `out`
+        /// `G * n` values.
+        #[allow(clippy::needless_range_loop)] // indices into two arrays at once
+        pub unsafe fn scores64<const G: usize>(q: &[f32], k: &[f16], scale: f32, out: &mut [f32]) {
+            let (qp, kp) = (q.as_ptr(), k.as_ptr());
+            let n = out.len() / G;
+            let op = out.as_mut_ptr();
             let mut j = 0;
             // Eight keys per round: their lanes are computed as in the one-key tail and
             // summed by a tree of horizontal adds that adds each key's lanes in hsum's
             // order, eight keys at once.
             let sv = _mm256_set1_ps(scale);
             while j + 8 <= n {
-                let a: [__m256; 8] = std::array::from_fn(|i| dot64(&qv, kp.add((j + i) * 64)));
-                _mm256_storeu_ps(out.as_mut_ptr().add(j), _mm256_mul_ps(hsum8(&a), sv));
+                let mut a = [[_mm256_setzero_ps(); 8]; G];
+                for i in 0..8 {
+                    let d = dot64::<G>(qp, kp.add((j + i) * 64));
+                    for h in 0..G {
+                        a[h][i] = d[h];
+                    }
+                }
+                for (h, a) in a.iter().enumerate() {
+                    _mm256_storeu_ps(op.add(h * n + j), _mm256_mul_ps(hsum8(a), sv));
+                }
                 j += 8;
             }
             while j < n {
-                out[j] = hsum(dot64(&qv, kp.add(j * 64))) * scale;
+                let d = dot64::<G>(qp, kp.add(j * 64));
+                for (h, d) in d.iter().enumerate() {
+                    *op.add(h * n + j) = hsum(*d) * scale;
+                }
                 j += 1;
             }
         }
 
-        pub unsafe fn weighted_sum64(w: &[f32], v: &[f16], out: &mut [f32]) {
-            let mut acc = [_mm256_setzero_ps(); 8];
-            let vp = v.as_ptr();
-            for (j, &wj) in w.iter().enumerate() {
-                let wv = _mm256_set1_ps(wj);
-                for (c, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(wv, load8(vp.add(j * 64 + c * 8)), *a);
+        /// Safety: AVX2, FMA, F16C; `w` holds `G` rows of `n` weights, `v` `n` rows of 64
+        /// and `out` `G` rows of 64.
+        ///
+        /// Each output lane accumulates its weighted values in key order; the 64 lanes go in
+        /// two halves so that the `G` heads' accumulators fit in registers.
+        #[allow(clippy::needless_range_loop)] // indices into two arrays at once
+        pub unsafe fn weighted_sum64<const G: usize>(w: &[f32], v: &[f16], out: &mut [f32]) {
+            let n = w.len() / G;
+            let (wp, vp) = (w.as_ptr(), v.as_ptr());
+            for half in 0..2 {
+                let mut acc = [[_mm256_setzero_ps(); 4]; G];
+                for j in 0..n {
+                    let row = vp.add(j * 64 + half * 32);
+                    let wv: [__m256; G] =
+                        std::array::from_fn(|h| _mm256_set1_ps(*wp.add(h * n + j)));
+                    for c in 0..4 {
+                        let vc = load8(row.add(c * 8));
+                        for h in 0..G {
+                            acc[h][c] = _mm256_fmadd_ps(wv[h], vc, acc[h][c]);
+                        }
+                    }
+                }
+                for (h, acc) in acc.iter().enumerate() {
+                    for (c, a) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(out.as_mut_ptr().add(h * 64 + half * 32 + c * 8), *a);
+                    }
                 }
             }
-            for (c, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(out.as_mut_ptr().add(c * 8), *a);
+        }
+
+        /// `e^x` for eight lanes: range reduction by ln 2 and a degree-5 polynomial
+        /// (Cephes' expf), about 1 ulp; inputs below -87.3 give e^-87.3, above 88.3 e^88.3.
+        #[inline(always)]
+        unsafe fn exp8(x: __m256) -> __m256 {
+            let x = _mm256_min_ps(
+                _mm256_max_ps(x, _mm256_set1_ps(-87.336_54)),
+                _mm256_set1_ps(88.376_26),
+            );
+            let n = _mm256_round_ps(
+                _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+            let mut p = _mm256_set1_ps(1.987_569_1e-4);
+            for c in [
+                1.398_199_9e-3,
+                8.333_452e-3,
+                4.166_579_6e-2,
+                1.666_666_5e-1,
+                0.5,
+            ] {
+                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
             }
+            let r2 = _mm256_mul_ps(r, r);
+            let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+            let e = _mm256_slli_epi32(
+                _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+                23,
+            );
+            _mm256_mul_ps(y, _mm256_castsi256_ps(e))
+        }
+
+        /// `x[j] = e^(x[j] - max)` and their sum (eight lanes in order, then [`hsum`]).
+        /// Safety: AVX2 and FMA.
+        pub unsafe fn exp_sum(x: &mut [f32], max: f32) -> f32 {
+            let mv = _mm256_set1_ps(max);
+            let mut sum = _mm256_setzero_ps();
+            let mut chunks = x.chunks_exact_mut(8);
+            for c in &mut chunks {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv));
+                _mm256_storeu_ps(c.as_mut_ptr(), e);
+                sum = _mm256_add_ps(sum, e);
+            }
+            let tail = chunks.into_remainder();
+            if !tail.is_empty() {
+                // The tail goes through the same lanes, its unused ones zeroed.
+                let mut buf = [max; 8];
+                buf[..tail.len()].copy_from_slice(tail);
+                let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                let used = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail.len() as i32), lane);
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(buf.as_ptr()), mv));
+                let e = _mm256_and_ps(e, _mm256_castsi256_ps(used));
+                _mm256_storeu_ps(buf.as_mut_ptr(), e);
+                tail.copy_from_slice(&buf[..tail.len()]);
+                sum = _mm256_add_ps(sum, e);
+            }
+            hsum(sum)
         }
     }
 }
@@ -845,7 +1012,7 @@ mod tests {
             let k: Vec<f16> = values(n * d, 2).into_iter().map(f16::from_f32).collect();
             let v: Vec<f16> = values(n * d, 3).into_iter().map(f16::from_f32).collect();
             let mut s = vec![0f32; n];
-            head::scores(&q, &k, 0.125, &mut s);
+            head::scores(&q, 1, &k, 0.125, &mut s);
             for j in 0..n {
                 let want: f64 = (0..d)
                     .map(|c| f64::from(q[c]) * f64::from(k[j * d + c].to_f32()))
@@ -854,21 +1021,88 @@ mod tests {
                 assert!((f64::from(s[j]) - want).abs() < 1e-4, "d {d} key {j}");
                 // The same key scored alone (or as part of a shorter cache) gives the same bits.
                 let mut one = [0f32; 1];
-                head::scores(&q, &k[j * d..(j + 1) * d], 0.125, &mut one);
+                head::scores(&q, 1, &k[j * d..(j + 1) * d], 0.125, &mut one);
                 assert_eq!(one[0].to_bits(), s[j].to_bits(), "d {d} key {j} alone");
                 let mut prefix = vec![0f32; j + 1];
-                head::scores(&q, &k[..(j + 1) * d], 0.125, &mut prefix);
+                head::scores(&q, 1, &k[..(j + 1) * d], 0.125, &mut prefix);
                 assert_eq!(prefix[j].to_bits(), s[j].to_bits(), "d {d} prefix {j}");
             }
             let w = values(n, 4);
             let mut out = vec![0f32; d];
-            head::weighted_sum(&w, &v, &mut out);
+            head::weighted_sum(&w, 1, &v, &mut out);
             for c in 0..d {
                 let want: f64 = (0..n)
                     .map(|j| f64::from(w[j]) * f64::from(v[j * d + c].to_f32()))
                     .sum();
                 assert!((f64::from(out[c]) - want).abs() < 1e-4, "d {d} lane {c}");
             }
+            // Heads computed together (queries sharing a kv head) give each head's bits alone.
+            for heads in 2..=5 {
+                let qs = values(heads * d, 5);
+                let ws = values(heads * n, 6);
+                let mut s = vec![0f32; heads * n];
+                head::scores(&qs, heads, &k, 0.125, &mut s);
+                let mut out = vec![0f32; heads * d];
+                head::weighted_sum(&ws, heads, &v, &mut out);
+                for h in 0..heads {
+                    let mut one = vec![0f32; n];
+                    head::scores(&qs[h * d..(h + 1) * d], 1, &k, 0.125, &mut one);
+                    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&s[h * n..(h + 1) * n]),
+                        bits(&one),
+                        "d {d} {heads} heads: scores of {h}"
+                    );
+                    let mut alone = vec![0f32; d];
+                    head::weighted_sum(&ws[h * n..(h + 1) * n], 1, &v, &mut alone);
+                    assert_eq!(
+                        bits(&out[h * d..(h + 1) * d]),
+                        bits(&alone),
+                        "d {d} {heads} heads: sum of {h}"
+                    );
+                }
+            }
         }
+    }
+
+    #[test]
+    fn softmax_weights_match_exp_and_do_not_depend_on_length() {
+        let x: Vec<f32> = values(29, 8).into_iter().map(|v| v * 20.0).collect();
+        for n in 1..=x.len() {
+            let mut e = x[..n].to_vec();
+            let sum = head::softmax(&mut e);
+            let max = x[..n].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut want_sum = 0f64;
+            for (j, &v) in e.iter().enumerate() {
+                let want = f64::from(x[j] - max).exp();
+                want_sum += want;
+                assert!(
+                    (f64::from(v) - want).abs() <= 1e-6 * want.max(1e-30) + 1e-37,
+                    "n {n} key {j}: {v} vs {want}"
+                );
+            }
+            assert!(
+                (f64::from(sum) - want_sum).abs() <= 1e-5 * want_sum,
+                "n {n}: {sum} vs {want_sum}"
+            );
+            // A key's weight is the same whatever the length, for the same max.
+            if n > 1 {
+                let mut shorter = x[..n - 1].to_vec();
+                let m2 = shorter.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                if m2 == max {
+                    head::softmax(&mut shorter);
+                    assert_eq!(shorter[..], e[..n - 1], "n {n}");
+                }
+            }
+        }
+        // Far below the max: a weight of (almost) zero, never NaN.
+        let mut e = vec![0.0, -1e30, f32::NEG_INFINITY];
+        let sum = head::softmax(&mut e);
+        assert_eq!(e[0], 1.0);
+        assert!(
+            e[1] < 1e-37 && e[2] < 1e-37 && e[1] >= 0.0 && e[2] >= 0.0,
+            "{e:?}"
+        );
+        assert!((sum - 1.0).abs() < 1e-6);
     }
 }
