@@ -357,19 +357,25 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The best this CPU runs, unless `ENRICHER_KERNELS=baseline` (or `avx2`) asks for the
+    /// The best this CPU runs (`ENRICHER_KERNELS=auto`, the default), unless `baseline` (or `avx2`) asks for the
     /// build's own kernels (to compare them). Decided once per process, so every product
     /// in it is computed the same way.
     pub fn detect() -> Isa {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *ISA.get_or_init(|| {
             let wanted = std::env::var("ENRICHER_KERNELS").unwrap_or_default();
-            let isa = if matches!(wanted.as_str(), "baseline" | "avx2") {
-                Isa::Baseline
-            } else {
-                Isa::best()
+            let isa = match wanted.as_str() {
+                "baseline" | "avx2" => Isa::Baseline,
+                "" | "auto" => Isa::best(),
+                other => {
+                    tracing::warn!(
+                        value = other,
+                        "ENRICHER_KERNELS: expected `auto` or `baseline`; using auto"
+                    );
+                    Isa::best()
+                }
             };
-            tracing::debug!(?isa, "local model kernels");
+            tracing::info!(?isa, "local model kernels");
             isa
         })
     }
@@ -1105,9 +1111,12 @@ pub(super) mod tests {
 
     fn check(dtype: GgmlDType) {
         for isa in kinds() {
-            // 4 blocks a row, and 3 (an odd count: the wide kernels' last pair is half).
             check_with(dtype, isa, 128);
-            check_with(dtype, isa, 96);
+            // 3 blocks a row: the wide kernels' last pair is half. (Our kernels only:
+            // candle's Q5_0 product wants an even count.)
+            if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0) {
+                check_with(dtype, isa, 96);
+            }
         }
     }
 

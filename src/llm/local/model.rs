@@ -618,7 +618,7 @@ impl Model {
             let (kc, vc) = caches[s];
             let (kh, vh) = (&kc[g], &vc[g]);
             let longest = rows[b - 1].1 + 1;
-            let mut scores = vec![0f32; group * longest.next_multiple_of(8)];
+            let mut scores = vec![0f32; group * longest];
             let mut acc = vec![0f32; (b - a) * gw];
             let mut sums = Vec::with_capacity(group);
             for (i, o) in (a..b).zip(acc.chunks_exact_mut(gw)) {
