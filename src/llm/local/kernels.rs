@@ -357,9 +357,9 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The best this CPU runs (`ENRICHER_KERNELS=auto`, the default), unless `baseline` (or `avx2`) asks for the
-    /// build's own kernels (to compare them). Decided once per process, so every product
-    /// in it is computed the same way.
+    /// The best this CPU runs (`ENRICHER_KERNELS=auto`, the default), unless
+    /// `ENRICHER_KERNELS=baseline` (or `avx2`) asks for the build's own kernels (to compare
+    /// them). Decided once per process, so every product in it is computed the same way.
     pub fn detect() -> Isa {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *ISA.get_or_init(|| {
