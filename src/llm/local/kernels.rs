@@ -288,14 +288,11 @@ pub fn matmuls(
     let nb = k / QK;
     let wide = scratch.isa == Isa::Avx512;
     if products.iter().any(|(w, _)| quantised(w)) {
-        quantize_rows(x, &mut scratch.q8, &mut scratch.sums);
+        let s = &mut *scratch;
         if wide {
-            pair_rows(
-                &scratch.q8,
-                nb,
-                &mut scratch.pairs,
-                &mut scratch.pair_scales,
-            );
+            quantize_pairs(x, nb, &mut s.pairs, &mut s.pair_scales, &mut s.sums);
+        } else {
+            quantize_rows(x, &mut s.q8, &mut s.sums);
         }
     }
     let (q8, sums) = (&scratch.q8, &scratch.sums);
@@ -411,10 +408,11 @@ pub struct PairScales([f32; 16]);
 /// Buffers a matmul reuses, and the kernels it runs.
 pub struct Scratch {
     isa: Isa,
+    /// The activations' blocks ([`Isa::Baseline`]).
     q8: Vec<BlockQ8>,
-    /// `d * sum(q)` of each block of `q8`.
+    /// `d * sum(q)` of each block.
     sums: Vec<f32>,
-    /// `q8` again, in pairs of blocks per row ([`Isa::Avx512`] only).
+    /// The activations' blocks in pairs ([`Isa::Avx512`]).
     pairs: Vec<PairQ8>,
     pair_scales: Vec<PairScales>,
 }
@@ -448,35 +446,18 @@ impl Scratch {
     }
 }
 
-/// Copies rows of `nb` blocks of `q8` into pairs of blocks (`nb.div_ceil(2)` per row, the
-/// last one padded with zeros when `nb` is odd).
-fn pair_rows(q8: &[BlockQ8], nb: usize, pairs: &mut Vec<PairQ8>, scales: &mut Vec<PairScales>) {
-    let np = nb.div_ceil(2);
-    let rows = q8.len() / nb;
-    pairs.clear();
-    pairs.resize(rows * np, PairQ8([0; 2 * QK]));
-    scales.clear();
-    scales.resize(rows * np, PairScales([0.0; 16]));
-    let one = |((row, p), s): ((&[BlockQ8], &mut [PairQ8]), &mut [PairScales])| {
-        for ((blocks, p), s) in row.chunks(2).zip(p).zip(s) {
-            for (h, b) in blocks.iter().enumerate() {
-                p.0[h * QK..(h + 1) * QK].copy_from_slice(&b.qs);
-                s.0[h * 8..(h + 1) * 8].fill(b.d);
-            }
-        }
-    };
-    if q8.len() * QK >= PARALLEL_WORK {
-        q8.par_chunks_exact(nb)
-            .zip(pairs.par_chunks_exact_mut(np))
-            .zip(scales.par_chunks_exact_mut(np))
-            .with_min_len(8)
-            .for_each(one);
-    } else {
-        q8.chunks_exact(nb)
-            .zip(pairs.chunks_exact_mut(np))
-            .zip(scales.chunks_exact_mut(np))
-            .for_each(one);
+/// Quantises one block of [`QK`] values into `qs`; returns its scale `d` and `d * sum(q)`.
+fn quantize_block(xs: &[f32], qs: &mut [i8]) -> (f32, f32) {
+    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in qs.iter_mut().zip(xs) {
+        let r = (v * id).round() as i32;
+        *q = r.clamp(-127, 127) as i8;
+        sum += i32::from(*q);
     }
+    (d, d * sum as f32)
 }
 
 /// Quantises `x` (rows whose length is a multiple of [`QK`]) to [`BlockQ8`] blocks and
@@ -487,17 +468,7 @@ fn quantize_rows(x: &[f32], out: &mut Vec<BlockQ8>, sums: &mut Vec<f32>) {
     sums.clear();
     sums.resize(x.len() / QK, 0.0);
     let one = |((xs, b), s): ((&[f32], &mut BlockQ8), &mut f32)| {
-        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, &v) in b.qs.iter_mut().zip(xs) {
-            let r = (v * id).round() as i32;
-            *q = r.clamp(-127, 127) as i8;
-            sum += i32::from(*q);
-        }
-        b.d = d;
-        *s = d * sum as f32;
+        (b.d, *s) = quantize_block(xs, &mut b.qs);
     };
     if x.len() >= PARALLEL_WORK {
         x.par_chunks_exact(QK)
@@ -510,6 +481,49 @@ fn quantize_rows(x: &[f32], out: &mut Vec<BlockQ8>, sums: &mut Vec<f32>) {
             .zip(out.iter_mut())
             .zip(sums.iter_mut())
             .for_each(one);
+    }
+}
+
+/// As [`quantize_rows`], but into the layout of the AVX-512 kernels: each row of `nb`
+/// blocks as `nb.div_ceil(2)` pairs (the last one half zeros when `nb` is odd), with their
+/// scales spread over the lanes; parallel over rows for large inputs.
+fn quantize_pairs(
+    x: &[f32],
+    nb: usize,
+    pairs: &mut Vec<PairQ8>,
+    scales: &mut Vec<PairScales>,
+    sums: &mut Vec<f32>,
+) {
+    let np = nb.div_ceil(2);
+    let rows = x.len() / (nb * QK);
+    pairs.clear();
+    pairs.resize(rows * np, PairQ8([0; 2 * QK]));
+    scales.clear();
+    scales.resize(rows * np, PairScales([0.0; 16]));
+    sums.clear();
+    sums.resize(rows * nb, 0.0);
+    /// One row: its blocks, pairs, pair scales and sums.
+    fn row(x: &[f32], pairs: &mut [PairQ8], scales: &mut [PairScales], sums: &mut [f32]) {
+        for (b, (xs, s)) in x.chunks_exact(QK).zip(sums).enumerate() {
+            let (pair, half) = (b / 2, b % 2);
+            let d;
+            (d, *s) = quantize_block(xs, &mut pairs[pair].0[half * QK..(half + 1) * QK]);
+            scales[pair].0[half * 8..(half + 1) * 8].fill(d);
+        }
+    }
+    if x.len() >= PARALLEL_WORK {
+        x.par_chunks_exact(nb * QK)
+            .zip(pairs.par_chunks_exact_mut(np))
+            .zip(scales.par_chunks_exact_mut(np))
+            .zip(sums.par_chunks_exact_mut(nb))
+            .with_min_len(8)
+            .for_each(|(((x, p), sc), s)| row(x, p, sc, s));
+    } else {
+        x.chunks_exact(nb * QK)
+            .zip(pairs.chunks_exact_mut(np))
+            .zip(scales.chunks_exact_mut(np))
+            .zip(sums.chunks_exact_mut(nb))
+            .for_each(|(((x, p), sc), s)| row(x, p, sc, s));
     }
 }
 
