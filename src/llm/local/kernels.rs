@@ -11,8 +11,11 @@
 //! of instructions whatever the other rows are: a row gives bit-identical results alone, in
 //! a prompt chunk, or in a batch of sequences. The batched and cached-prefix paths rely on it.
 //!
-//! Q4_1 and Q8_0 (the default model's types) have AVX2 kernels; F32/F16 weights are kept
-//! as f32; any other GGML type goes through candle's `QMatMul` (correct, slower).
+//! Q4_1 and Q8_0 (the default model's types) have AVX2 kernels, and AVX-512 VNNI kernels
+//! for the CPUs that have it, which take the weights repacked at load time in groups of
+//! sixteen rows ([`GroupQ4_1`], [`GroupQ8_0`]: same size as the file's blocks); F32/F16
+//! weights are kept as f32; any other GGML type goes through candle's `QMatMul` (correct,
+//! slower).
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use half::f16;
@@ -94,6 +97,10 @@ enum Data {
         mins: Vec<f32>,
     },
     Q8_0(Vec<BlockQ8_0>),
+    /// Q4_1 in groups of sixteen rows ([`Isa::Avx512`]).
+    Q4_1x16(Vec<GroupQ4_1>),
+    /// Q8_0 in groups of sixteen rows ([`Isa::Avx512`]).
+    Q8_0x16(Vec<GroupQ8_0>),
     F32(Vec<f32>),
     Candle(QMatMul),
 }
@@ -103,6 +110,8 @@ impl std::fmt::Debug for Weights {
         let kind = match &self.data {
             Data::Q4_1 { .. } => "q4_1",
             Data::Q8_0(_) => "q8_0",
+            Data::Q4_1x16(_) => "q4_1 x16",
+            Data::Q8_0x16(_) => "q8_0 x16",
             Data::F32(_) => "f32",
             Data::Candle(_) => "candle",
         };
@@ -124,8 +133,16 @@ fn blocks_from_bytes<T: Copy>(bytes: &[u8], zero: T) -> Vec<T> {
 }
 
 impl Weights {
-    /// Takes a 2-D tensor of the GGUF file (`rows` x `cols`, row-major).
+    /// Takes a 2-D tensor of the GGUF file (`rows` x `cols`, row-major), laid out for the
+    /// process's kernels ([`Isa::detect`]).
     pub fn from_qtensor(name: &str, t: QTensor) -> Result<Self, KernelError> {
+        Self::from_qtensor_for(name, t, Isa::detect())
+    }
+
+    /// As [`Weights::from_qtensor`], laid out for `isa`'s kernels (which the CPU must run:
+    /// [`Isa::best`] says which it does; a kind it cannot run gives [`Isa::Baseline`]'s).
+    pub fn from_qtensor_for(name: &str, t: QTensor, isa: Isa) -> Result<Self, KernelError> {
+        let grouped = isa == Isa::Avx512 && Isa::best() == Isa::Avx512;
         let err = |msg: String| KernelError::Tensor {
             name: name.to_string(),
             msg,
@@ -152,29 +169,37 @@ impl Weights {
                     if v.len() != blocks {
                         return Err(err(format!("{} blocks, expected {blocks}", v.len())));
                     }
-                    Data::Q4_1 {
-                        blocks: v
-                            .iter()
-                            .map(|b| BlockQ4_1 {
-                                d: f16(b.d),
-                                qs: b.qs,
-                            })
-                            .collect(),
-                        mins: v.iter().map(|b| f16(b.m)).collect(),
+                    if grouped && rows.is_multiple_of(GROUP) {
+                        Data::Q4_1x16(groups(&v, rows, cols / QK, GroupQ4_1::pack))
+                    } else {
+                        Data::Q4_1 {
+                            blocks: v
+                                .iter()
+                                .map(|b| BlockQ4_1 {
+                                    d: f16(b.d),
+                                    qs: b.qs,
+                                })
+                                .collect(),
+                            mins: v.iter().map(|b| f16(b.m)).collect(),
+                        }
                     }
                 } else {
                     let v = blocks_from_bytes(&bytes, FileQ8_0 { d: 0, qs: [0; QK] });
                     if v.len() != blocks {
                         return Err(err(format!("{} blocks, expected {blocks}", v.len())));
                     }
-                    Data::Q8_0(
-                        v.iter()
-                            .map(|b| BlockQ8_0 {
-                                d: f16(b.d),
-                                qs: b.qs,
-                            })
-                            .collect(),
-                    )
+                    if grouped && rows.is_multiple_of(GROUP) {
+                        Data::Q8_0x16(groups(&v, rows, cols / QK, GroupQ8_0::pack))
+                    } else {
+                        Data::Q8_0(
+                            v.iter()
+                                .map(|b| BlockQ8_0 {
+                                    d: f16(b.d),
+                                    qs: b.qs,
+                                })
+                                .collect(),
+                        )
+                    }
                 }
             }
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
@@ -215,6 +240,8 @@ impl Weights {
                 std::mem::size_of_val(blocks.as_slice()) + std::mem::size_of_val(mins.as_slice())
             }
             Data::Q8_0(v) => std::mem::size_of_val(v.as_slice()),
+            Data::Q4_1x16(v) => std::mem::size_of_val(v.as_slice()),
+            Data::Q8_0x16(v) => std::mem::size_of_val(v.as_slice()),
             Data::F32(v) => std::mem::size_of_val(v.as_slice()),
             Data::Candle(_) => 0,
         }
@@ -252,6 +279,24 @@ impl Weights {
                     }
                 }
             }
+            Data::Q4_1x16(v) => {
+                let nb = c / QK;
+                let (g, w) = (r / GROUP, r % GROUP);
+                for (b, o) in v[g * nb..(g + 1) * nb].iter().zip(out.chunks_exact_mut(QK)) {
+                    for (k, o) in o.iter_mut().enumerate() {
+                        *o = f32::from(b.quant(w, k)) * b.d[w] + b.m[w];
+                    }
+                }
+            }
+            Data::Q8_0x16(v) => {
+                let nb = c / QK;
+                let (g, w) = (r / GROUP, r % GROUP);
+                for (b, o) in v[g * nb..(g + 1) * nb].iter().zip(out.chunks_exact_mut(QK)) {
+                    for (k, o) in o.iter_mut().enumerate() {
+                        *o = f32::from(b.quant(w, k)) * b.d[w];
+                    }
+                }
+            }
             Data::F32(v) => out.copy_from_slice(&v[r * c..(r + 1) * c]),
             Data::Candle(_) => return None,
         }
@@ -284,36 +329,43 @@ pub fn matmuls(
         return Ok(());
     };
     assert_eq!(x.len(), m * k, "activation shape");
-    let quantised = |w: &Weights| matches!(w.data, Data::Q4_1 { .. } | Data::Q8_0(_));
+    let quantised = |w: &Weights| {
+        matches!(
+            w.data,
+            Data::Q4_1 { .. } | Data::Q8_0(_) | Data::Q4_1x16(_) | Data::Q8_0x16(_)
+        )
+    };
     let nb = k / QK;
-    let wide = scratch.isa == Isa::Avx512;
     if products.iter().any(|(w, _)| quantised(w)) {
         let s = &mut *scratch;
-        if wide {
-            quantize_pairs(x, nb, &mut s.pairs, &mut s.pair_scales, &mut s.sums);
-        } else {
-            quantize_rows(x, &mut s.q8, &mut s.sums);
-        }
+        quantize_rows(x, &mut s.q8, &mut s.sums, &mut s.isums);
     }
-    let (q8, sums) = (&scratch.q8, &scratch.sums);
-    let (pairs, pair_scales, np) = (&scratch.pairs, &scratch.pair_scales, nb.div_ceil(2));
+    let (q8, sums, isums) = (&scratch.q8, &scratch.sums, &scratch.isums);
     for (w, out) in products.iter_mut() {
         let n = w.rows;
         assert_eq!(w.cols, k, "weights share the input width");
         assert_eq!(out.len(), m * n, "output shape");
         match &w.data {
-            Data::Q4_1 { blocks, mins } if wide => tiled((m, k, n), out, |wr, ai, res| {
-                let (a, d) = (pick(pairs, ai, np), pick(pair_scales, ai, np));
-                let s = pick(sums, ai, nb);
-                let w = wr.start * nb..wr.end * nb;
-                let (w, mins) = (&blocks[w.clone()], &mins[w]);
-                let n = ai.len();
-                wide::dot_q4_1(w, mins, nb, &a[..n], &d[..n], &s[..n], res);
+            // A task's rows are one group (ROWS_PER_TASK == GROUP, and n is a multiple).
+            Data::Q4_1x16(groups) => tiled((m, k, n), out, |wr, ai, res| {
+                let (a, s) = (pick(q8, ai, nb), pick(sums, ai, nb));
+                let g = wr.start / GROUP;
+                x16::dot_q4_1(
+                    &groups[g * nb..(g + 1) * nb],
+                    &a[..ai.len()],
+                    &s[..ai.len()],
+                    res,
+                );
             }),
-            Data::Q8_0(blocks) if wide => tiled((m, k, n), out, |wr, ai, res| {
-                let (a, d) = (pick(pairs, ai, np), pick(pair_scales, ai, np));
-                let w = &blocks[wr.start * nb..wr.end * nb];
-                wide::dot_q8_0(w, nb, &a[..ai.len()], &d[..ai.len()], res);
+            Data::Q8_0x16(groups) => tiled((m, k, n), out, |wr, ai, res| {
+                let (a, s) = (pick(q8, ai, nb), pick(isums, ai, nb));
+                let g = wr.start / GROUP;
+                x16::dot_q8_0(
+                    &groups[g * nb..(g + 1) * nb],
+                    &a[..ai.len()],
+                    &s[..ai.len()],
+                    res,
+                );
             }),
             Data::Q4_1 { blocks, mins } => tiled((m, k, n), out, |wr, ai, res| {
                 let (a, s) = (pick(q8, ai, nb), pick(sums, ai, nb));
@@ -348,8 +400,9 @@ pub fn matmuls(
 pub enum Isa {
     /// The build's own: AVX2 + FMA in the default x86-64-v3 build, plain Rust elsewhere.
     Baseline,
-    /// AVX-512 (F, BW, DQ) with VNNI: two blocks per instruction and one `vpdpbusd` for
-    /// the integer dot products. Chosen at run time when the CPU has it.
+    /// AVX-512 (F, BW) with VNNI: weights repacked in groups of sixteen rows, one
+    /// `vpdpbusd` multiplying four quants of each of them. Chosen at load time when the CPU
+    /// has it.
     Avx512,
 }
 
@@ -382,7 +435,6 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512dq")
             && is_x86_feature_detected!("avx512vnni")
             && is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
@@ -393,61 +445,111 @@ impl Isa {
     }
 }
 
-/// Two consecutive activation blocks' quants (the second zero past a row's end), the
-/// layout the AVX-512 kernels load in one instruction.
-#[repr(C, align(64))]
-#[derive(Clone, Copy, Debug)]
-pub struct PairQ8([i8; 2 * QK]);
+/// Weight rows per group of the AVX-512 layout (one output column per lane).
+const GROUP: usize = 16;
 
-/// The two blocks' scales of a [`PairQ8`], each repeated over the eight lanes its block's
-/// integer sums land in.
+/// One block of sixteen Q4_1 weight rows, interleaved for [`Isa::Avx512`]: bytes
+/// `64 i + 4 w + t` (`i` < 4, `t` < 4) hold row `w`'s quants `4 i + t` (low nibble) and
+/// `16 + 4 i + t` (high nibble), so that each 64-byte load gives four quants of every row
+/// in the lane of its row; then the sixteen scales and offsets, lane by lane.
 #[repr(C, align(64))]
-#[derive(Clone, Copy, Debug)]
-pub struct PairScales([f32; 16]);
+#[derive(Clone, Copy)]
+pub struct GroupQ4_1 {
+    qs: [u8; 4 * 64],
+    d: [f32; GROUP],
+    m: [f32; GROUP],
+}
 
-/// Buffers a matmul reuses, and the kernels it runs.
+/// One block of sixteen Q8_0 weight rows for [`Isa::Avx512`]: bytes `64 j + 4 w + t` hold
+/// row `w`'s quant `4 j + t` plus 128 (an unsigned byte, what `vpdpbusd` multiplies); then
+/// the sixteen scales.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct GroupQ8_0 {
+    qs: [u8; 8 * 64],
+    d: [f32; GROUP],
+}
+
+impl GroupQ4_1 {
+    /// Block `b` of rows `rows` (sixteen rows of `nb` file blocks each).
+    fn pack(rows: &[FileQ4_1], nb: usize, b: usize) -> Self {
+        let mut g = Self {
+            qs: [0; 4 * 64],
+            d: [0.0; GROUP],
+            m: [0.0; GROUP],
+        };
+        for w in 0..GROUP {
+            let x = &rows[w * nb + b];
+            g.d[w] = f16::from_bits(x.d).to_f32();
+            g.m[w] = f16::from_bits(x.m).to_f32();
+            for i in 0..4 {
+                g.qs[64 * i + 4 * w..][..4].copy_from_slice(&x.qs[4 * i..4 * i + 4]);
+            }
+        }
+        g
+    }
+
+    /// Row `w`'s quant `k`.
+    fn quant(&self, w: usize, k: usize) -> u8 {
+        let (i, t, high) = ((k % 16) / 4, k % 4, k >= 16);
+        let byte = self.qs[64 * i + 4 * w + t];
+        if high {
+            byte >> 4
+        } else {
+            byte & 0x0F
+        }
+    }
+}
+
+impl GroupQ8_0 {
+    /// Block `b` of rows `rows` (sixteen rows of `nb` file blocks each).
+    fn pack(rows: &[FileQ8_0], nb: usize, b: usize) -> Self {
+        let mut g = Self {
+            qs: [0; 8 * 64],
+            d: [0.0; GROUP],
+        };
+        for w in 0..GROUP {
+            let x = &rows[w * nb + b];
+            g.d[w] = f16::from_bits(x.d).to_f32();
+            for (k, &q) in x.qs.iter().enumerate() {
+                g.qs[64 * (k / 4) + 4 * w + k % 4] = (q as u8) ^ 0x80;
+            }
+        }
+        g
+    }
+
+    /// Row `w`'s quant `k`.
+    fn quant(&self, w: usize, k: usize) -> i8 {
+        (self.qs[64 * (k / 4) + 4 * w + k % 4] ^ 0x80) as i8
+    }
+}
+
+/// Repacks a matrix of `rows` x `nb` file blocks into groups of [`GROUP`] rows (`rows` a
+/// multiple of it): group `g`'s block `b` is at `g * nb + b`.
+fn groups<F, G>(v: &[F], rows: usize, nb: usize, pack: impl Fn(&[F], usize, usize) -> G) -> Vec<G> {
+    // Sized up front: the largest matrices are tens of MB, and a growing vector would hold
+    // twice that at its peak.
+    let mut out = Vec::with_capacity(rows / GROUP * nb);
+    for rows in v.chunks_exact(GROUP * nb).take(rows / GROUP) {
+        out.extend((0..nb).map(|b| pack(rows, nb, b)));
+    }
+    out
+}
+
+/// Buffers a matmul reuses.
+#[derive(Default)]
 pub struct Scratch {
-    isa: Isa,
-    /// The activations' blocks ([`Isa::Baseline`]).
+    /// The activations' blocks.
     q8: Vec<BlockQ8>,
     /// `d * sum(q)` of each block.
     sums: Vec<f32>,
-    /// The activations' blocks in pairs ([`Isa::Avx512`]).
-    pairs: Vec<PairQ8>,
-    pair_scales: Vec<PairScales>,
+    /// `sum(q)` of each block.
+    isums: Vec<i32>,
 }
 
-impl Default for Scratch {
-    fn default() -> Self {
-        Self::with_isa(Isa::detect())
-    }
-}
-
-impl Scratch {
-    /// Buffers for products computed by `isa`'s kernels (which the CPU must run:
-    /// [`Isa::best`] says which it does).
-    pub fn with_isa(isa: Isa) -> Self {
-        let isa = if isa == Isa::Avx512 && Isa::best() != Isa::Avx512 {
-            Isa::Baseline
-        } else {
-            isa
-        };
-        Self {
-            isa,
-            q8: Vec::new(),
-            sums: Vec::new(),
-            pairs: Vec::new(),
-            pair_scales: Vec::new(),
-        }
-    }
-
-    pub fn isa(&self) -> Isa {
-        self.isa
-    }
-}
-
-/// Quantises one block of [`QK`] values into `qs`; returns its scale `d` and `d * sum(q)`.
-fn quantize_block(xs: &[f32], qs: &mut [i8]) -> (f32, f32) {
+/// Quantises one block of [`QK`] values into `qs`; returns its scale `d`, `d * sum(q)` and
+/// `sum(q)`.
+fn quantize_block(xs: &[f32], qs: &mut [i8]) -> (f32, f32, i32) {
     let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
@@ -457,73 +559,35 @@ fn quantize_block(xs: &[f32], qs: &mut [i8]) -> (f32, f32) {
         *q = r.clamp(-127, 127) as i8;
         sum += i32::from(*q);
     }
-    (d, d * sum as f32)
+    (d, d * sum as f32, sum)
 }
 
 /// Quantises `x` (rows whose length is a multiple of [`QK`]) to [`BlockQ8`] blocks and
 /// their sums, in parallel for large inputs (a block depends on its own 32 values only).
-fn quantize_rows(x: &[f32], out: &mut Vec<BlockQ8>, sums: &mut Vec<f32>) {
+fn quantize_rows(x: &[f32], out: &mut Vec<BlockQ8>, sums: &mut Vec<f32>, isums: &mut Vec<i32>) {
+    let n = x.len() / QK;
     out.clear();
-    out.resize(x.len() / QK, BlockQ8::ZERO);
+    out.resize(n, BlockQ8::ZERO);
     sums.clear();
-    sums.resize(x.len() / QK, 0.0);
-    let one = |((xs, b), s): ((&[f32], &mut BlockQ8), &mut f32)| {
-        (b.d, *s) = quantize_block(xs, &mut b.qs);
+    sums.resize(n, 0.0);
+    isums.clear();
+    isums.resize(n, 0);
+    let one = |(((xs, b), s), i): (((&[f32], &mut BlockQ8), &mut f32), &mut i32)| {
+        (b.d, *s, *i) = quantize_block(xs, &mut b.qs);
     };
     if x.len() >= PARALLEL_WORK {
         x.par_chunks_exact(QK)
             .zip(out.par_iter_mut())
             .zip(sums.par_iter_mut())
+            .zip(isums.par_iter_mut())
             .with_min_len(256)
             .for_each(one);
     } else {
         x.chunks_exact(QK)
             .zip(out.iter_mut())
             .zip(sums.iter_mut())
+            .zip(isums.iter_mut())
             .for_each(one);
-    }
-}
-
-/// As [`quantize_rows`], but into the layout of the AVX-512 kernels: each row of `nb`
-/// blocks as `nb.div_ceil(2)` pairs (the last one half zeros when `nb` is odd), with their
-/// scales spread over the lanes; parallel over rows for large inputs.
-fn quantize_pairs(
-    x: &[f32],
-    nb: usize,
-    pairs: &mut Vec<PairQ8>,
-    scales: &mut Vec<PairScales>,
-    sums: &mut Vec<f32>,
-) {
-    let np = nb.div_ceil(2);
-    let rows = x.len() / (nb * QK);
-    pairs.clear();
-    pairs.resize(rows * np, PairQ8([0; 2 * QK]));
-    scales.clear();
-    scales.resize(rows * np, PairScales([0.0; 16]));
-    sums.clear();
-    sums.resize(rows * nb, 0.0);
-    /// One row: its blocks, pairs, pair scales and sums.
-    fn row(x: &[f32], pairs: &mut [PairQ8], scales: &mut [PairScales], sums: &mut [f32]) {
-        for (b, (xs, s)) in x.chunks_exact(QK).zip(sums).enumerate() {
-            let (pair, half) = (b / 2, b % 2);
-            let d;
-            (d, *s) = quantize_block(xs, &mut pairs[pair].0[half * QK..(half + 1) * QK]);
-            scales[pair].0[half * 8..(half + 1) * 8].fill(d);
-        }
-    }
-    if x.len() >= PARALLEL_WORK {
-        x.par_chunks_exact(nb * QK)
-            .zip(pairs.par_chunks_exact_mut(np))
-            .zip(scales.par_chunks_exact_mut(np))
-            .zip(sums.par_chunks_exact_mut(nb))
-            .with_min_len(8)
-            .for_each(|(((x, p), sc), s)| row(x, p, sc, s));
-    } else {
-        x.chunks_exact(nb * QK)
-            .zip(pairs.chunks_exact_mut(np))
-            .zip(scales.chunks_exact_mut(np))
-            .zip(sums.chunks_exact_mut(nb))
-            .for_each(|(((x, p), sc), s)| row(x, p, sc, s));
     }
 }
 
@@ -535,6 +599,9 @@ const ROWS_PER_TASK: usize = 16;
 
 /// Activation rows one kernel call takes.
 const ACT_ROWS: usize = 4;
+
+// A task of the AVX-512 kernels is one group of rows.
+const _: () = assert!(ROWS_PER_TASK == GROUP);
 
 /// A pointer to `out` that tasks writing disjoint elements share.
 #[derive(Clone, Copy)]
@@ -851,31 +918,33 @@ mod avx2 {
     }
 }
 
-/// The AVX-512 kernels ([`Isa::Avx512`]), for the CPUs that have it, chosen at run time:
-/// the loop of [`avx2`], but each step takes two blocks (64 quants) per register, and one
-/// `vpdpbusd` replaces `vpmaddubsw` + `vpmaddwd`. Activations come in pairs of blocks
-/// ([`PairQ8`]) with their scales spread over the lanes ([`PairScales`]). Each (weight row,
-/// activation row) pair is again summed by the same instructions in the same order
-/// whatever else is in the call. The integer sums are those of the AVX2 kernels; the float
-/// sums are grouped differently, so results differ from [`Isa::Baseline`]'s in the last
-/// bits (a process uses one kind throughout: [`Isa::detect`]).
-mod wide {
-    use super::{BlockQ4_1, BlockQ8_0, Isa, PairQ8, PairScales, TaskResults};
-    use super::{ACT_ROWS, ROWS_PER_TASK};
+/// The AVX-512 kernels ([`Isa::Avx512`]), for the CPUs that have it, chosen at load time:
+/// the weights are repacked in groups of sixteen rows ([`GroupQ4_1`], [`GroupQ8_0`]) so that
+/// one register holds four quants of each of the sixteen rows, and one `vpdpbusd` against
+/// four activation quants broadcast to every lane does 64 multiply-adds for sixteen output
+/// columns at once. A block then costs eight `vpdpbusd` and one scale step per activation
+/// row for all sixteen rows, where the row-at-a-time kernels spend a conversion, a multiply
+/// and an add per row and block; nothing is summed across lanes (lane `w` is output column
+/// `w`). Each (weight row, activation row) pair is summed by the same instructions in the
+/// same order whatever else is in the call. The integer sums are exact, the float sums are
+/// grouped as in [`avx2`]'s per-block step, and the offset term of Q4_1 is added block by
+/// block, so results differ from [`Isa::Baseline`]'s in the last bits (a process uses one
+/// kind throughout: [`Isa::detect`]).
+mod x16 {
+    use super::{BlockQ8, GroupQ4_1, GroupQ8_0, Isa, TaskResults, ACT_ROWS, GROUP};
 
-    /// Checks a call: whole weight rows of `nb` blocks (at most [`ROWS_PER_TASK`]), one to
-    /// [`ACT_ROWS`] activation rows of `nb.div_ceil(2)` pairs, and a CPU with AVX-512
-    /// (what makes the unchecked loads and the instructions sound).
-    fn check(w_len: usize, nb: usize, a: &[&[PairQ8]], d: &[&[PairScales]]) {
-        let np = nb.div_ceil(2);
+    /// Checks a call: `nb` groups (one group of rows), one to [`ACT_ROWS`] activation rows
+    /// of `nb` blocks with `nb` sums each, and a CPU with AVX-512 (what makes the unchecked
+    /// loads and the instructions sound).
+    fn check<S>(nb: usize, a: &[&[BlockQ8]], sums: &[&[S]]) {
         assert!(
             nb > 0
-                && w_len.is_multiple_of(nb)
-                && w_len / nb <= ROWS_PER_TASK
                 && !a.is_empty()
                 && a.len() <= ACT_ROWS
-                && a.len() == d.len()
-                && a.iter().zip(d).all(|(a, d)| a.len() == np && d.len() == np),
+                && a.len() == sums.len()
+                && a.iter()
+                    .zip(sums)
+                    .all(|(a, s)| a.len() == nb && s.len() == nb),
             "kernel shape"
         );
         assert_eq!(
@@ -885,198 +954,141 @@ mod wide {
         );
     }
 
-    /// Q4_1 as [`super::dot_q4_1`], activations in pairs.
-    pub fn dot_q4_1(
-        w: &[BlockQ4_1],
-        mins: &[f32],
-        nb: usize,
-        a: &[&[PairQ8]],
-        d: &[&[PairScales]],
-        sums: &[&[f32]],
-        res: &mut TaskResults,
-    ) {
-        check(w.len(), nb, a, d);
-        assert!(
-            mins.len() == w.len() && sums.len() == a.len() && sums.iter().all(|s| s.len() == nb)
-        );
+    /// Q4_1: the [`GROUP`] rows of `w` (one group per block) against activation rows `a`
+    /// with their blocks' `d * sum(q)` in `sums`.
+    pub fn dot_q4_1(w: &[GroupQ4_1], a: &[&[BlockQ8]], sums: &[&[f32]], res: &mut TaskResults) {
+        let nb = w.len();
+        check(nb, a, sums);
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX-512 F/BW/DQ/VNNI, AVX2 and FMA, and the shapes are
-        // checked (above).
+        // SAFETY: the CPU has AVX-512 F/BW/DQ/VNNI and the shapes are checked (above).
         unsafe {
             match a.len() {
-                1 => imp::dot_q4_1::<1>(w, mins, nb, a, d, sums, res),
-                2 => imp::dot_q4_1::<2>(w, mins, nb, a, d, sums, res),
-                3 => imp::dot_q4_1::<3>(w, mins, nb, a, d, sums, res),
-                _ => imp::dot_q4_1::<4>(w, mins, nb, a, d, sums, res),
+                1 => imp::dot_q4_1::<1>(w, nb, a, sums, res),
+                2 => imp::dot_q4_1::<2>(w, nb, a, sums, res),
+                3 => imp::dot_q4_1::<3>(w, nb, a, sums, res),
+                _ => imp::dot_q4_1::<4>(w, nb, a, sums, res),
             }
         }
     }
 
-    /// Q8_0 as [`super::dot_q8_0`], activations in pairs.
-    pub fn dot_q8_0(
-        w: &[BlockQ8_0],
-        nb: usize,
-        a: &[&[PairQ8]],
-        d: &[&[PairScales]],
-        res: &mut TaskResults,
-    ) {
-        check(w.len(), nb, a, d);
+    /// Q8_0: as [`dot_q4_1`], with each activation block's integer sum `sum(q)` in `isums`.
+    pub fn dot_q8_0(w: &[GroupQ8_0], a: &[&[BlockQ8]], isums: &[&[i32]], res: &mut TaskResults) {
+        let nb = w.len();
+        check(nb, a, isums);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as for dot_q4_1.
         unsafe {
             match a.len() {
-                1 => imp::dot_q8_0::<1>(w, nb, a, d, res),
-                2 => imp::dot_q8_0::<2>(w, nb, a, d, res),
-                3 => imp::dot_q8_0::<3>(w, nb, a, d, res),
-                _ => imp::dot_q8_0::<4>(w, nb, a, d, res),
+                1 => imp::dot_q8_0::<1>(w, nb, a, isums, res),
+                2 => imp::dot_q8_0::<2>(w, nb, a, isums, res),
+                3 => imp::dot_q8_0::<3>(w, nb, a, isums, res),
+                _ => imp::dot_q8_0::<4>(w, nb, a, isums, res),
+            }
+        }
+    }
+
+    /// Lane `w` of each row's accumulator is output column `w`.
+    fn store<const N: usize>(lanes: &[[f32; GROUP]; N], res: &mut TaskResults) {
+        for (w, res) in res.iter_mut().enumerate() {
+            for r in 0..N {
+                res[r] = lanes[r][w];
             }
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     mod imp {
-        use super::super::{BlockQ4_1, BlockQ8_0, PairQ8, PairScales, TaskResults};
+        use super::super::{BlockQ8, GroupQ4_1, GroupQ8_0, TaskResults, GROUP};
         use std::arch::x86_64::*;
 
-        /// The sum of the sixteen lanes, in a fixed order.
-        #[inline]
-        #[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
-        unsafe fn hsum(v: __m512) -> f32 {
-            let h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-            let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-            _mm_cvtss_f32(s)
+        /// Four activation quants (`a.qs[4 i..4 i + 4]`) in every lane.
+        #[inline(always)]
+        unsafe fn quad(a: *const BlockQ8, i: usize) -> __m512i {
+            let p = (*a).qs.as_ptr().add(4 * i).cast::<i32>();
+            _mm512_set1_epi32(p.read_unaligned())
         }
 
-        /// `[d0; 8] ++ [d1; 8]`: two weight blocks' scales over their lanes.
-        #[inline]
-        #[target_feature(enable = "avx512f,avx512dq,avx2")]
-        unsafe fn scales(d0: f32, d1: f32) -> __m512 {
-            _mm512_insertf32x8(
-                _mm512_castps256_ps512(_mm256_set1_ps(d0)),
-                _mm256_set1_ps(d1),
-                1,
-            )
-        }
-
-        /// Mask of the first `n` (at most 16) lanes.
-        #[inline]
-        fn first(n: usize) -> __mmask16 {
-            if n >= 16 {
-                0xFFFF
-            } else {
-                (1u16 << n) - 1
-            }
-        }
-
-        /// Safety: AVX-512 F/BW/DQ/VNNI; `w` and `mins` hold whole rows of `nb` blocks, at
-        /// most `TaskResults`' count; `a` and `d` have `N` rows of `nb.div_ceil(2)` pairs,
-        /// `sums` `N` rows of `nb` values.
-        ///
-        /// The offset term, `m * d_y * sum(q_y)` per block, joins the accumulators' lanes
-        /// sixteen blocks at a time.
-        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma")]
+        /// Safety: AVX-512 F/BW/VNNI; `w` has `nb` groups; `a` and `sums` have `N` rows
+        /// of `nb` blocks and values.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
         pub unsafe fn dot_q4_1<const N: usize>(
-            w: &[BlockQ4_1],
-            mins: &[f32],
+            w: &[GroupQ4_1],
             nb: usize,
-            a: &[&[PairQ8]],
-            d: &[&[PairScales]],
+            a: &[&[BlockQ8]],
             sums: &[&[f32]],
             res: &mut TaskResults,
         ) {
-            let a: [*const PairQ8; N] = std::array::from_fn(|r| a.get_unchecked(r).as_ptr());
-            let d: [*const PairScales; N] = std::array::from_fn(|r| d.get_unchecked(r).as_ptr());
+            let a: [*const BlockQ8; N] = std::array::from_fn(|r| a.get_unchecked(r).as_ptr());
             let sums: [*const f32; N] = std::array::from_fn(|r| sums.get_unchecked(r).as_ptr());
-            let mask = _mm256_set1_epi8(0x0F);
-            let np = nb.div_ceil(2);
-            for (j, res) in res.iter_mut().take(w.len() / nb).enumerate() {
-                let (w, mins) = (w.as_ptr().add(j * nb), mins.as_ptr().add(j * nb));
-                let mut acc = [_mm512_setzero_ps(); N];
-                for b0 in (0..nb).step_by(16) {
-                    let take = first(nb - b0);
-                    let mv = _mm512_maskz_loadu_ps(take, mins.add(b0));
-                    for r in 0..N {
-                        let sv = _mm512_maskz_loadu_ps(take, sums[r].add(b0));
-                        acc[r] = _mm512_fmadd_ps(mv, sv, acc[r]);
-                    }
+            let mask = _mm512_set1_epi8(0x0F);
+            let mut acc = [_mm512_setzero_ps(); N];
+            for b in 0..nb {
+                let g = w.get_unchecked(b);
+                let q = g.qs.as_ptr().cast::<__m512i>();
+                // Load i holds quants 4i..4i+4 (low nibbles) and 16+4i.. (high) of each row.
+                let mut lo = [_mm512_setzero_si512(); 4];
+                let mut hi = [_mm512_setzero_si512(); 4];
+                for i in 0..4 {
+                    let v = _mm512_load_si512(q.add(i));
+                    lo[i] = _mm512_and_si512(v, mask);
+                    hi[i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
                 }
-                for p in 0..np {
-                    let x0 = &*w.add(2 * p);
-                    let q0 = _mm_loadu_si128(x0.qs.as_ptr().cast());
-                    let (q1, d1) = if 2 * p + 1 < nb {
-                        let x1 = &*w.add(2 * p + 1);
-                        (_mm_loadu_si128(x1.qs.as_ptr().cast()), x1.d)
-                    } else {
-                        (_mm_setzero_si128(), 0.0)
-                    };
-                    // [q0, q1] -> nibbles [lo0, lo1] and [hi0, hi1] -> [lo0, hi0, lo1, hi1]:
-                    // block 0's 32 quants in the low half, block 1's in the high half.
-                    let v = _mm256_set_m128i(q1, q0);
-                    let lo = _mm256_and_si256(v, mask);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                    let z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-                    let bx = _mm512_shuffle_i64x2(z, z, 0b11_01_10_00);
-                    let dx = scales(x0.d, d1);
-                    for r in 0..N {
-                        let by = _mm512_load_si512(a[r].add(p).cast());
-                        let sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bx, by);
-                        let scale = _mm512_mul_ps(dx, _mm512_load_ps(d[r].add(p).cast()));
-                        acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sum), acc[r]);
-                    }
-                }
+                let dv = _mm512_load_ps(g.d.as_ptr());
+                let mv = _mm512_load_ps(g.m.as_ptr());
                 for r in 0..N {
-                    res[r] = hsum(acc[r]);
+                    let y = a[r].add(b);
+                    let mut s = _mm512_setzero_si512();
+                    for i in 0..4 {
+                        s = _mm512_dpbusd_epi32(s, lo[i], quad(y, i));
+                        s = _mm512_dpbusd_epi32(s, hi[i], quad(y, 4 + i));
+                    }
+                    let scale = _mm512_mul_ps(dv, _mm512_set1_ps((*y).d));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);
+                    acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(*sums[r].add(b)), acc[r]);
                 }
             }
+            let mut lanes = [[0f32; GROUP]; N];
+            for r in 0..N {
+                _mm512_storeu_ps(lanes[r].as_mut_ptr(), acc[r]);
+            }
+            super::store(&lanes, res);
         }
 
-        /// Safety: AVX-512 F/BW/DQ/VNNI; `w` holds whole rows of `nb` blocks, at most
-        /// `TaskResults`' count; `a` and `d` have `N` rows of `nb.div_ceil(2)` pairs.
+        /// Safety: as for `dot_q4_1`, with `isums` for `sums`.
         ///
-        /// `vpdpbusd` multiplies unsigned by signed bytes: the weights go in as their
-        /// magnitudes and their signs move to the activations (as `vpsignb` does in AVX2).
-        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma")]
+        /// `vpdpbusd` multiplies unsigned by signed bytes: the weights are stored as
+        /// `q + 128` (unsigned), and each block's sum starts at `-128 * sum(q_x)`.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
         pub unsafe fn dot_q8_0<const N: usize>(
-            w: &[BlockQ8_0],
+            w: &[GroupQ8_0],
             nb: usize,
-            a: &[&[PairQ8]],
-            d: &[&[PairScales]],
+            a: &[&[BlockQ8]],
+            isums: &[&[i32]],
             res: &mut TaskResults,
         ) {
-            let a: [*const PairQ8; N] = std::array::from_fn(|r| a.get_unchecked(r).as_ptr());
-            let d: [*const PairScales; N] = std::array::from_fn(|r| d.get_unchecked(r).as_ptr());
-            let np = nb.div_ceil(2);
-            let zero = _mm512_setzero_si512();
-            for (j, res) in res.iter_mut().take(w.len() / nb).enumerate() {
-                let w = w.as_ptr().add(j * nb);
-                let mut acc = [_mm512_setzero_ps(); N];
-                for p in 0..np {
-                    let x0 = &*w.add(2 * p);
-                    let q0 = _mm256_loadu_si256(x0.qs.as_ptr().cast());
-                    let (q1, d1) = if 2 * p + 1 < nb {
-                        let x1 = &*w.add(2 * p + 1);
-                        (_mm256_loadu_si256(x1.qs.as_ptr().cast()), x1.d)
-                    } else {
-                        (_mm256_setzero_si256(), 0.0)
-                    };
-                    let bx = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
-                    let ax = _mm512_abs_epi8(bx);
-                    let negative = _mm512_movepi8_mask(bx);
-                    let dx = scales(x0.d, d1);
-                    for r in 0..N {
-                        let by = _mm512_load_si512(a[r].add(p).cast());
-                        let sy = _mm512_mask_sub_epi8(by, negative, zero, by);
-                        let sum = _mm512_dpbusd_epi32(zero, ax, sy);
-                        let scale = _mm512_mul_ps(dx, _mm512_load_ps(d[r].add(p).cast()));
-                        acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sum), acc[r]);
-                    }
-                }
+            let a: [*const BlockQ8; N] = std::array::from_fn(|r| a.get_unchecked(r).as_ptr());
+            let isums: [*const i32; N] = std::array::from_fn(|r| isums.get_unchecked(r).as_ptr());
+            let mut acc = [_mm512_setzero_ps(); N];
+            for b in 0..nb {
+                let g = w.get_unchecked(b);
+                let q = g.qs.as_ptr().cast::<__m512i>();
+                let wv: [__m512i; 8] = std::array::from_fn(|j| _mm512_load_si512(q.add(j)));
+                let dv = _mm512_load_ps(g.d.as_ptr());
                 for r in 0..N {
-                    res[r] = hsum(acc[r]);
+                    let y = a[r].add(b);
+                    let mut s = _mm512_set1_epi32(-128 * *isums[r].add(b));
+                    for (j, &wj) in wv.iter().enumerate() {
+                        s = _mm512_dpbusd_epi32(s, wj, quad(y, j));
+                    }
+                    let scale = _mm512_mul_ps(dv, _mm512_set1_ps((*y).d));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);
                 }
             }
+            let mut lanes = [[0f32; GROUP]; N];
+            for r in 0..N {
+                _mm512_storeu_ps(lanes[r].as_mut_ptr(), acc[r]);
+            }
+            super::store(&lanes, res);
         }
     }
 }
@@ -1125,17 +1137,19 @@ pub(super) mod tests {
 
     fn check(dtype: GgmlDType) {
         for isa in kinds() {
-            check_with(dtype, isa, 128);
-            // 3 blocks a row: the wide kernels' last pair is half. (Our kernels only:
-            // candle's Q5_0 product wants an even count.)
-            if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0) {
-                check_with(dtype, isa, 96);
+            // 48 rows: three groups of the AVX-512 layout; 40: rows it cannot group.
+            for n in [48, 40] {
+                check_with(dtype, isa, n, 128);
+                // 3 blocks a row: an odd count. (Our kernels only: candle's Q5_0 product
+                // wants an even count.)
+                if matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0) {
+                    check_with(dtype, isa, n, 96);
+                }
             }
         }
     }
 
-    fn check_with(dtype: GgmlDType, isa: Isa, k: usize) {
-        let n = 40;
+    fn check_with(dtype: GgmlDType, isa: Isa, n: usize, k: usize) {
         let w = data(n * k, 7);
         let wt = Tensor::from_slice(&w, (n, k), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&wt, dtype).unwrap();
@@ -1147,9 +1161,16 @@ pub(super) mod tests {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        let weights = Weights::from_qtensor("w", q).unwrap();
-        let mut scratch = Scratch::with_isa(isa);
-        assert_eq!(scratch.isa(), isa);
+        let weights = Weights::from_qtensor_for("w", q, isa).unwrap();
+        let grouped = matches!(weights.data, Data::Q4_1x16(_) | Data::Q8_0x16(_));
+        let groupable =
+            matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0) && n.is_multiple_of(GROUP);
+        assert_eq!(
+            grouped,
+            isa == Isa::Avx512 && groupable,
+            "{dtype:?} {isa:?} n={n}"
+        );
+        let mut scratch = Scratch::default();
         let mut single = Vec::new();
         for m in [1usize, 3, 4, 7, 9] {
             let x = data(m * k, 11);
@@ -1160,7 +1181,7 @@ pub(super) mod tests {
             for (g, w) in got.iter().zip(&want) {
                 assert!(
                     (g - w).abs() <= 0.02 * scale,
-                    "{dtype:?} {isa:?} k={k} m={m}: {g} vs {w}"
+                    "{dtype:?} {isa:?} n={n} k={k} m={m}: {g} vs {w}"
                 );
             }
             // Row 0 is the same whatever rides along with it.
@@ -1176,12 +1197,17 @@ pub(super) mod tests {
         }
         // Row lookup gives the dequantised weights (types only candle reads have none).
         let mut row = vec![0f32; k];
-        if weights.row(3, &mut row).is_none() {
-            assert!(matches!(weights.data, Data::Candle(_)));
-            return;
-        }
-        for (a, b) in row.iter().zip(&wq[3 * k..4 * k]) {
-            assert!((a - b).abs() < 1e-5, "{dtype:?} row: {a} vs {b}");
+        for r in [3, 37] {
+            if weights.row(r, &mut row).is_none() {
+                assert!(matches!(weights.data, Data::Candle(_)));
+                return;
+            }
+            for (a, b) in row.iter().zip(&wq[r * k..(r + 1) * k]) {
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "{dtype:?} {isa:?} row {r}: {a} vs {b}"
+                );
+            }
         }
     }
 
