@@ -94,6 +94,8 @@ pub struct EvalReport {
     pub model: String,
     /// Drafts generated at once (for a local model: decoded together).
     pub concurrency: usize,
+    /// Requests a local model decodes together (at most `concurrency`).
+    pub batch: usize,
     pub enricher: ModeReport,
     /// The full pipeline without grounded decoding (`--ungrounded`).
     pub ungrounded: Option<ModeReport>,
@@ -124,7 +126,8 @@ pub fn load_specs(
 }
 
 /// Runs every spec x channel in `mode`, up to `concurrency` drafts at once (results in
-/// input order); `progress` is called after each draft.
+/// input order); `progress` is called after each draft. A draft that takes long (repairs)
+/// does not hold back the next ones: a new one starts whenever one ends, as in the worker.
 pub async fn run_mode(
     pipeline: &Pipeline,
     specs: &[ProductSpec],
@@ -140,7 +143,8 @@ pub async fn run_mode(
     let tasks = specs
         .iter()
         .flat_map(|s| channels.iter().map(move |ch| (s, ch)))
-        .map(|(s, ch)| async move {
+        .enumerate()
+        .map(|(i, (s, ch))| async move {
             let o = pipeline.enrich_with(s, ch, None, mode).await?;
             Ok::<_, EvalError>(Sample {
                 product_id: s.id.clone(),
@@ -156,13 +160,16 @@ pub async fn run_mode(
                 latency_ms: o.provenance.latency_ms,
                 repairs: o.provenance.repairs.clone(),
             })
+            .map(|sample| (i, sample))
         });
-    let mut stream = futures::stream::iter(tasks).buffered(concurrency.max(1));
+    let mut stream = futures::stream::iter(tasks).buffer_unordered(concurrency.max(1));
     while let Some(sample) = stream.next().await {
         out.push(sample?);
         progress(out.len(), total);
     }
-    Ok((out, started.elapsed().as_secs_f64()))
+    let elapsed = started.elapsed().as_secs_f64();
+    out.sort_by_key(|(i, _)| *i);
+    Ok((out.into_iter().map(|(_, s)| s).collect(), elapsed))
 }
 
 fn error_rules(f: &[Finding]) -> BTreeSet<String> {
@@ -323,7 +330,7 @@ pub fn markdown(r: &EvalReport) -> String {
     out.push('\n');
     for m in &modes {
         out.push_str(&format!(
-            "Throughput, {}: {} products x {} channels in {:.0} s = {:.1} products/min ({:.1} drafts/min), {} at once.\n",
+            "Throughput, {}: {} products x {} channels in {:.0} s = {:.1} products/min ({:.1} drafts/min), {} at once{}.\n",
             m.mode,
             r.products,
             r.channels.len(),
@@ -331,6 +338,11 @@ pub fn markdown(r: &EvalReport) -> String {
             r.products as f64 * 60.0 / m.wall_seconds.max(1e-9),
             (r.products * r.channels.len()) as f64 * 60.0 / m.wall_seconds.max(1e-9),
             r.concurrency,
+            if r.batch < r.concurrency {
+                format!(" (a local model decodes up to {} together)", r.batch)
+            } else {
+                String::new()
+            },
         ));
     }
     for m in &modes {
@@ -470,6 +482,7 @@ mod tests {
             provider: "stub".into(),
             model: "stub".into(),
             concurrency: 1,
+            batch: 1,
             enricher: r,
             ungrounded: None,
             baseline: None,

@@ -36,10 +36,15 @@ pub struct EvalArgs {
     /// what it changes in the grounding errors of first answers.
     #[arg(long)]
     pub ungrounded: bool,
-    /// Drafts generated at once. With a local model they are decoded together (batched);
-    /// the figure sets the local provider's `concurrency` for this run.
+    /// Drafts generated at once. With a local model they are decoded together (batched),
+    /// up to `--batch` of them.
     #[arg(long, default_value_t = 1)]
     pub concurrency: usize,
+    /// Requests the local model decodes together (its provider's `concurrency` for this
+    /// run); default: `--concurrency`. Fewer than `--concurrency` keeps the batch full while
+    /// some drafts are between model calls (checks, repair prompts), as the worker does.
+    #[arg(long)]
+    pub batch: Option<usize>,
 }
 
 pub async fn run(mut settings: Settings, args: EvalArgs) -> anyhow::Result<ExitCode> {
@@ -58,8 +63,11 @@ pub async fn run(mut settings: Settings, args: EvalArgs) -> anyhow::Result<ExitC
         settings.default_provider = p.clone();
     }
     let concurrency = args.concurrency.max(1);
+    let batch = args.batch.unwrap_or(concurrency).clamp(1, concurrency);
     for p in settings.providers.values_mut() {
-        if p.kind == enricher::config::ProviderKind::Local || p.concurrency < concurrency {
+        if p.kind == enricher::config::ProviderKind::Local {
+            p.concurrency = batch;
+        } else if p.concurrency < concurrency {
             p.concurrency = concurrency;
         }
     }
@@ -123,6 +131,7 @@ pub async fn run(mut settings: Settings, args: EvalArgs) -> anyhow::Result<ExitC
         provider,
         model: info.model,
         concurrency,
+        batch,
         enricher,
         ungrounded,
         baseline,

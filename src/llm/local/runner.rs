@@ -622,6 +622,7 @@ impl Generate for Engine {
             return Ok(());
         }
         self.share_prompt_caches(&mut live);
+        let active = live.len();
         let decoding = live.iter().filter(|s| !s.prefilling()).count();
         let mut budget = if decoding == 0 {
             self.prefill_chunk
@@ -680,6 +681,7 @@ impl Generate for Engine {
                 .map_err(model_err("forward pass"))?;
             tracing::trace!(
                 rows,
+                active,
                 seqs = n,
                 decoding,
                 us = t.elapsed().as_micros(),
