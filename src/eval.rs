@@ -394,6 +394,112 @@ pub fn markdown(r: &EvalReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::llm::Provider;
+    use std::sync::Arc;
+
+    /// The stub's answers, but the product with brand `Slow` answers only once `release`
+    /// products have had a call (or after a few seconds, recorded as a timeout). Products
+    /// are told apart by their `Capacity` line.
+    struct Gate {
+        inner: crate::llm::stub::StubProvider,
+        started: std::sync::Mutex<BTreeSet<String>>,
+        release: usize,
+        changed: tokio::sync::Notify,
+        timed_out: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Provider for Gate {
+        fn info(&self) -> crate::llm::ModelInfo {
+            self.inner.info()
+        }
+
+        async fn generate(
+            &self,
+            req: crate::llm::GenerateRequest,
+        ) -> Result<crate::llm::Generation, crate::llm::LlmError> {
+            use std::sync::atomic::Ordering;
+            let product = req.user.lines().find(|l| l.starts_with("Capacity: "));
+            let seen = |s: &Self| s.started.lock().map(|p| p.len()).unwrap_or(0);
+            if let (Some(p), Ok(mut started)) = (product, self.started.lock()) {
+                started.insert(p.to_string());
+            }
+            self.changed.notify_waiters();
+            if req.user.contains("Brand: Slow") {
+                let wait = async {
+                    loop {
+                        let changed = self.changed.notified();
+                        if seen(self) >= self.release {
+                            return;
+                        }
+                        changed.await;
+                    }
+                };
+                if tokio::time::timeout(std::time::Duration::from_secs(5), wait)
+                    .await
+                    .is_err()
+                {
+                    self.timed_out.store(true, Ordering::SeqCst);
+                }
+            }
+            self.inner.generate(req).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slow_draft_does_not_hold_back_the_next_ones_and_results_keep_input_order() {
+        use std::sync::atomic::Ordering;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("prompts");
+        let settings = crate::config::Settings::default();
+        let gate = Arc::new(Gate {
+            inner: crate::llm::stub::StubProvider::new("gate", &settings.providers["stub"]),
+            started: Default::default(),
+            // The slow product and three others: the third other one can only start while
+            // the slow one runs if a finished draft frees its place (3 at once).
+            release: 4,
+            changed: tokio::sync::Notify::new(),
+            timed_out: Default::default(),
+        });
+        let providers = crate::llm::Providers::from_parts(
+            BTreeMap::from([("gate".to_string(), gate.clone() as Arc<dyn Provider>)]),
+            BTreeMap::new(),
+            "gate".into(),
+        );
+        let pipeline = Pipeline {
+            channels: Arc::new(crate::channel::Channels::load(&dir).unwrap()),
+            prompts: Arc::new(crate::prompt::Prompts::load(&dir).unwrap()),
+            providers,
+            settings: Arc::new(crate::config::Settings {
+                default_provider: "gate".into(),
+                routing: BTreeMap::new(),
+                ..settings.clone()
+            }),
+        };
+        let records = (0..6)
+            .map(|i| {
+                let brand = if i == 0 { "Slow" } else { "Acme" };
+                format!(
+                    r#"{{"id": "p{i}", "brand": "{brand}", "category": "Kettle", "attributes": {{"Capacity": "1.{i} l"}}}}"#
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let specs: Vec<ProductSpec> =
+            crate::spec::parse_submission(records.as_bytes(), &settings.limits)
+                .into_iter()
+                .map(|(_, r)| r.unwrap())
+                .collect();
+        let channels = vec!["seo".to_string()];
+        let (samples, _) = run_mode(&pipeline, &specs, &channels, Mode::Full, 3, |_, _| {})
+            .await
+            .unwrap();
+        assert!(
+            !gate.timed_out.load(Ordering::SeqCst),
+            "the slow draft held back the drafts after it"
+        );
+        let ids: Vec<&str> = samples.iter().map(|s| s.product_id.as_str()).collect();
+        assert_eq!(ids, ["p0", "p1", "p2", "p3", "p4", "p5"]);
+    }
 
     fn finding(rule: &str) -> Finding {
         Finding {

@@ -41,8 +41,8 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 1)]
     pub concurrency: usize,
     /// Requests the local model decodes together (its provider's `concurrency` for this
-    /// run); default: `--concurrency`. Fewer than `--concurrency` keeps the batch full while
-    /// some drafts are between model calls (checks, repair prompts), as the worker does.
+    /// run); default: `--concurrency`. With fewer, the other drafts in flight wait for a
+    /// place in the batch (to compare batch sizes at the same load).
     #[arg(long)]
     pub batch: Option<usize>,
 }
