@@ -926,9 +926,9 @@ mod avx2 {
 /// row for all sixteen rows, where the row-at-a-time kernels spend a conversion, a multiply
 /// and an add per row and block; nothing is summed across lanes (lane `w` is output column
 /// `w`). Each (weight row, activation row) pair is summed by the same instructions in the
-/// same order whatever else is in the call. The integer sums are exact, the float sums are
-/// grouped as in [`avx2`]'s per-block step, and the offset term of Q4_1 is added block by
-/// block, so results differ from [`Isa::Baseline`]'s in the last bits (a process uses one
+/// same order whatever else is in the call. The integer sums are exact; each output's float
+/// sum runs block by block in one lane (the block's scaled integer sum, then Q4_1's offset
+/// term), so results differ from [`Isa::Baseline`]'s in the last bits (a process uses one
 /// kind throughout: [`Isa::detect`]).
 mod x16 {
     use super::{BlockQ8, GroupQ4_1, GroupQ8_0, Isa, TaskResults, ACT_ROWS, GROUP};
@@ -960,7 +960,7 @@ mod x16 {
         let nb = w.len();
         check(nb, a, sums);
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX-512 F/BW/DQ/VNNI and the shapes are checked (above).
+        // SAFETY: the CPU has AVX-512 F/BW/VNNI and the shapes are checked (above).
         unsafe {
             match a.len() {
                 1 => imp::dot_q4_1::<1>(w, nb, a, sums, res),
