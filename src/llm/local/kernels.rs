@@ -142,7 +142,6 @@ impl Weights {
     /// As [`Weights::from_qtensor`], laid out for `isa`'s kernels (which the CPU must run:
     /// [`Isa::best`] says which it does; a kind it cannot run gives [`Isa::Baseline`]'s).
     pub fn from_qtensor_for(name: &str, t: QTensor, isa: Isa) -> Result<Self, KernelError> {
-        let grouped = isa == Isa::Avx512 && Isa::best() == Isa::Avx512;
         let err = |msg: String| KernelError::Tensor {
             name: name.to_string(),
             msg,
@@ -151,6 +150,8 @@ impl Weights {
             .shape()
             .dims2()
             .map_err(|e| err(format!("not a matrix: {e}")))?;
+        let grouped =
+            isa == Isa::Avx512 && Isa::best() == Isa::Avx512 && rows.is_multiple_of(GROUP);
         let data = match t.dtype() {
             GgmlDType::Q4_1 | GgmlDType::Q8_0 => {
                 let bytes = t.data().map_err(|e| err(e.to_string()))?;
@@ -169,7 +170,7 @@ impl Weights {
                     if v.len() != blocks {
                         return Err(err(format!("{} blocks, expected {blocks}", v.len())));
                     }
-                    if grouped && rows.is_multiple_of(GROUP) {
+                    if grouped {
                         Data::Q4_1x16(groups(&v, rows, cols / QK, GroupQ4_1::pack))
                     } else {
                         Data::Q4_1 {
@@ -188,7 +189,7 @@ impl Weights {
                     if v.len() != blocks {
                         return Err(err(format!("{} blocks, expected {blocks}", v.len())));
                     }
-                    if grouped && rows.is_multiple_of(GROUP) {
+                    if grouped {
                         Data::Q8_0x16(groups(&v, rows, cols / QK, GroupQ8_0::pack))
                     } else {
                         Data::Q8_0(
@@ -931,7 +932,7 @@ mod avx2 {
 /// term), so results differ from [`Isa::Baseline`]'s in the last bits (a process uses one
 /// kind throughout: [`Isa::detect`]).
 mod x16 {
-    use super::{BlockQ8, GroupQ4_1, GroupQ8_0, Isa, TaskResults, ACT_ROWS, GROUP};
+    use super::{BlockQ8, GroupQ4_1, GroupQ8_0, Isa, TaskResults, ACT_ROWS};
 
     /// Checks a call: `nb` groups (one group of rows), one to [`ACT_ROWS`] activation rows
     /// of `nb` blocks with `nb` sums each, and a CPU with AVX-512 (what makes the unchecked
@@ -954,7 +955,7 @@ mod x16 {
         );
     }
 
-    /// Q4_1: the [`GROUP`] rows of `w` (one group per block) against activation rows `a`
+    /// Q4_1: the [`super::GROUP`] rows of `w` (one group per block) against activation rows `a`
     /// with their blocks' `d * sum(q)` in `sums`.
     pub fn dot_q4_1(w: &[GroupQ4_1], a: &[&[BlockQ8]], sums: &[&[f32]], res: &mut TaskResults) {
         let nb = w.len();
@@ -987,19 +988,24 @@ mod x16 {
         }
     }
 
-    /// Lane `w` of each row's accumulator is output column `w`.
-    fn store<const N: usize>(lanes: &[[f32; GROUP]; N], res: &mut TaskResults) {
-        for (w, res) in res.iter_mut().enumerate() {
-            for r in 0..N {
-                res[r] = lanes[r][w];
-            }
-        }
-    }
-
     #[cfg(target_arch = "x86_64")]
     mod imp {
         use super::super::{BlockQ8, GroupQ4_1, GroupQ8_0, TaskResults, GROUP};
         use std::arch::x86_64::*;
+
+        /// Each activation row's accumulator into `res`: lane `w` is output column `w`.
+        #[inline(always)]
+        unsafe fn store<const N: usize>(acc: &[__m512; N], res: &mut TaskResults) {
+            let mut lanes = [[0f32; GROUP]; N];
+            for r in 0..N {
+                _mm512_storeu_ps(lanes[r].as_mut_ptr(), acc[r]);
+            }
+            for (w, res) in res.iter_mut().enumerate() {
+                for r in 0..N {
+                    res[r] = lanes[r][w];
+                }
+            }
+        }
 
         /// Four activation quants (`a.qs[4 i..4 i + 4]`) in every lane.
         #[inline(always)]
@@ -1047,11 +1053,7 @@ mod x16 {
                     acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(*sums[r].add(b)), acc[r]);
                 }
             }
-            let mut lanes = [[0f32; GROUP]; N];
-            for r in 0..N {
-                _mm512_storeu_ps(lanes[r].as_mut_ptr(), acc[r]);
-            }
-            super::store(&lanes, res);
+            store(&acc, res);
         }
 
         /// Safety: as for `dot_q4_1`, with `isums` for `sums`.
@@ -1084,11 +1086,7 @@ mod x16 {
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[r]);
                 }
             }
-            let mut lanes = [[0f32; GROUP]; N];
-            for r in 0..N {
-                _mm512_storeu_ps(lanes[r].as_mut_ptr(), acc[r]);
-            }
-            super::store(&lanes, res);
+            store(&acc, res);
         }
     }
 }
