@@ -101,6 +101,10 @@ enum Data {
     Q4_1x16(Vec<GroupQ4_1>),
     /// Q8_0 in groups of sixteen rows ([`Isa::Avx512`]).
     Q8_0x16(Vec<GroupQ8_0>),
+    /// Q4_1 in groups of eight rows ([`Isa::Avx2`]).
+    Q4_1x8(Vec<GroupQ4_1x8>),
+    /// Q8_0 in groups of eight rows ([`Isa::Avx2`]).
+    Q8_0x8(Vec<GroupQ8_0x8>),
     F32(Vec<f32>),
     Candle(QMatMul),
 }
@@ -112,6 +116,8 @@ impl std::fmt::Debug for Weights {
             Data::Q8_0(_) => "q8_0",
             Data::Q4_1x16(_) => "q4_1 x16",
             Data::Q8_0x16(_) => "q8_0 x16",
+            Data::Q4_1x8(_) => "q4_1 x8",
+            Data::Q8_0x8(_) => "q8_0 x8",
             Data::F32(_) => "f32",
             Data::Candle(_) => "candle",
         };
@@ -150,8 +156,10 @@ impl Weights {
             .shape()
             .dims2()
             .map_err(|e| err(format!("not a matrix: {e}")))?;
-        let grouped =
-            isa == Isa::Avx512 && Isa::best() == Isa::Avx512 && rows.is_multiple_of(GROUP);
+        // Rows in groups of this many for `isa`'s kernels (1: the file's row layout).
+        let group = isa
+            .group()
+            .filter(|&g| isa.runs() && rows.is_multiple_of(g));
         let data = match t.dtype() {
             GgmlDType::Q4_1 | GgmlDType::Q8_0 => {
                 let bytes = t.data().map_err(|e| err(e.to_string()))?;
@@ -170,8 +178,11 @@ impl Weights {
                     if v.len() != blocks {
                         return Err(err(format!("{} blocks, expected {blocks}", v.len())));
                     }
-                    if grouped {
-                        Data::Q4_1x16(groups(&v, rows, cols / QK, GroupQ4_1::pack))
+                    let nb = cols / QK;
+                    if group == Some(GROUP) {
+                        Data::Q4_1x16(groups(&v, rows, nb, GROUP, GroupQ4_1::pack))
+                    } else if group == Some(GROUP8) {
+                        Data::Q4_1x8(groups(&v, rows, nb, GROUP8, GroupQ4_1x8::pack))
                     } else {
                         Data::Q4_1 {
                             blocks: v
@@ -189,8 +200,11 @@ impl Weights {
                     if v.len() != blocks {
                         return Err(err(format!("{} blocks, expected {blocks}", v.len())));
                     }
-                    if grouped {
-                        Data::Q8_0x16(groups(&v, rows, cols / QK, GroupQ8_0::pack))
+                    let nb = cols / QK;
+                    if group == Some(GROUP) {
+                        Data::Q8_0x16(groups(&v, rows, nb, GROUP, GroupQ8_0::pack))
+                    } else if group == Some(GROUP8) {
+                        Data::Q8_0x8(groups(&v, rows, nb, GROUP8, GroupQ8_0x8::pack))
                     } else {
                         Data::Q8_0(
                             v.iter()
@@ -243,6 +257,8 @@ impl Weights {
             Data::Q8_0(v) => std::mem::size_of_val(v.as_slice()),
             Data::Q4_1x16(v) => std::mem::size_of_val(v.as_slice()),
             Data::Q8_0x16(v) => std::mem::size_of_val(v.as_slice()),
+            Data::Q4_1x8(v) => std::mem::size_of_val(v.as_slice()),
+            Data::Q8_0x8(v) => std::mem::size_of_val(v.as_slice()),
             Data::F32(v) => std::mem::size_of_val(v.as_slice()),
             Data::Candle(_) => 0,
         }
@@ -298,6 +314,24 @@ impl Weights {
                     }
                 }
             }
+            Data::Q4_1x8(v) => {
+                let nb = c / QK;
+                let (g, w) = (r / GROUP8, r % GROUP8);
+                for (b, o) in v[g * nb..(g + 1) * nb].iter().zip(out.chunks_exact_mut(QK)) {
+                    for (k, o) in o.iter_mut().enumerate() {
+                        *o = f32::from(b.quant(w, k)) * b.d[w] + b.m[w];
+                    }
+                }
+            }
+            Data::Q8_0x8(v) => {
+                let nb = c / QK;
+                let (g, w) = (r / GROUP8, r % GROUP8);
+                for (b, o) in v[g * nb..(g + 1) * nb].iter().zip(out.chunks_exact_mut(QK)) {
+                    for (k, o) in o.iter_mut().enumerate() {
+                        *o = f32::from(b.quant(w, k)) * b.d[w];
+                    }
+                }
+            }
             Data::F32(v) => out.copy_from_slice(&v[r * c..(r + 1) * c]),
             Data::Candle(_) => return None,
         }
@@ -333,7 +367,12 @@ pub fn matmuls(
     let quantised = |w: &Weights| {
         matches!(
             w.data,
-            Data::Q4_1 { .. } | Data::Q8_0(_) | Data::Q4_1x16(_) | Data::Q8_0x16(_)
+            Data::Q4_1 { .. }
+                | Data::Q8_0(_)
+                | Data::Q4_1x16(_)
+                | Data::Q8_0x16(_)
+                | Data::Q4_1x8(_)
+                | Data::Q8_0x8(_)
         )
     };
     let nb = k / QK;
@@ -368,6 +407,30 @@ pub fn matmuls(
                     res,
                 );
             }),
+            // A task's rows are one or two groups (n is a multiple of GROUP8).
+            Data::Q4_1x8(groups) => tiled((m, k, n), out, |wr, ai, res| {
+                let (a, s) = (pick(q8, ai, nb), pick(sums, ai, nb));
+                for (i, g) in (wr.start / GROUP8..wr.end / GROUP8).enumerate() {
+                    x8::dot_q4_1(
+                        &groups[g * nb..(g + 1) * nb],
+                        &a[..ai.len()],
+                        &s[..ai.len()],
+                        res,
+                        i * GROUP8,
+                    );
+                }
+            }),
+            Data::Q8_0x8(groups) => tiled((m, k, n), out, |wr, ai, res| {
+                let a = pick(q8, ai, nb);
+                for (i, g) in (wr.start / GROUP8..wr.end / GROUP8).enumerate() {
+                    x8::dot_q8_0(
+                        &groups[g * nb..(g + 1) * nb],
+                        &a[..ai.len()],
+                        res,
+                        i * GROUP8,
+                    );
+                }
+            }),
             Data::Q4_1 { blocks, mins } => tiled((m, k, n), out, |wr, ai, res| {
                 let (a, s) = (pick(q8, ai, nb), pick(sums, ai, nb));
                 let w = wr.start * nb..wr.end * nb;
@@ -379,8 +442,8 @@ pub fn matmuls(
                 dot_q8_0(&blocks[wr.start * nb..wr.end * nb], &a[..ai.len()], res);
             }),
             Data::F32(wd) => tiled((m, k, n), out, |wr, ai, res| {
-                for (r, res) in wr.zip(res.iter_mut()) {
-                    for (&i, res) in ai.iter().zip(res.iter_mut()) {
+                for (&i, res) in ai.iter().zip(res.iter_mut()) {
+                    for (r, res) in wr.clone().zip(res.iter_mut()) {
                         *res = dot_f32_1(&wd[r * k..][..k], &x[i * k..][..k]);
                     }
                 }
@@ -399,8 +462,14 @@ pub fn matmuls(
 /// Which kernels run the quantised products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
-    /// The build's own: AVX2 + FMA in the default x86-64-v3 build, plain Rust elsewhere.
+    /// The build's own, on the file's row layout: AVX2 + FMA in the default x86-64-v3
+    /// build, plain Rust elsewhere.
     Baseline,
+    /// AVX2 + FMA with the weights repacked in groups of eight rows: one register holds
+    /// four quants of each of them, so a block's products for eight output columns are
+    /// summed in the lanes of one register (no sums across lanes). Chosen at load time when
+    /// the CPU has AVX2 and FMA but not AVX-512.
+    Avx2,
     /// AVX-512 (F, BW) with VNNI: weights repacked in groups of sixteen rows, one
     /// `vpdpbusd` multiplying four quants of each of them. Chosen at load time when the CPU
     /// has it.
@@ -409,19 +478,22 @@ pub enum Isa {
 
 impl Isa {
     /// The best this CPU runs (`ENRICHER_KERNELS=auto`, the default), unless
-    /// `ENRICHER_KERNELS=baseline` (or `avx2`) asks for the build's own kernels (to compare
-    /// them). Decided once per process, so every product in it is computed the same way.
+    /// `ENRICHER_KERNELS` asks for `baseline` (the build's own kernels on the row layout) or
+    /// `avx2` (the eight-row groups, also on an AVX-512 CPU), to compare them; a kind the
+    /// CPU cannot run gives the best it can. Decided once per process, so every product in
+    /// it is computed the same way.
     pub fn detect() -> Isa {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *ISA.get_or_init(|| {
             let wanted = std::env::var("ENRICHER_KERNELS").unwrap_or_default();
             let isa = match wanted.as_str() {
-                "baseline" | "avx2" => Isa::Baseline,
-                "" | "auto" => Isa::best(),
+                "baseline" => Isa::Baseline,
+                "avx2" if Isa::Avx2.runs() => Isa::Avx2,
+                "" | "auto" | "avx2" => Isa::best(),
                 other => {
                     tracing::warn!(
                         value = other,
-                        "ENRICHER_KERNELS: expected `auto` or `baseline`; using auto"
+                        "ENRICHER_KERNELS: expected `auto`, `avx2` or `baseline`; using auto"
                     );
                     Isa::best()
                 }
@@ -442,7 +514,29 @@ impl Isa {
         {
             return Isa::Avx512;
         }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Isa::Avx2;
+        }
         Isa::Baseline
+    }
+
+    /// Whether this CPU runs these kernels.
+    pub fn runs(self) -> bool {
+        match self {
+            Isa::Baseline => true,
+            Isa::Avx2 => Isa::best() != Isa::Baseline,
+            Isa::Avx512 => Isa::best() == Isa::Avx512,
+        }
+    }
+
+    /// Rows per group of this kind's weight layout (`None`: the file's row layout).
+    fn group(self) -> Option<usize> {
+        match self {
+            Isa::Baseline => None,
+            Isa::Avx2 => Some(GROUP8),
+            Isa::Avx512 => Some(GROUP),
+        }
     }
 }
 
@@ -525,13 +619,97 @@ impl GroupQ8_0 {
     }
 }
 
-/// Repacks a matrix of `rows` x `nb` file blocks into groups of [`GROUP`] rows (`rows` a
+/// Weight rows per group of the AVX2 layout (one output column per lane).
+const GROUP8: usize = 8;
+
+/// One block of eight Q4_1 weight rows, interleaved for [`Isa::Avx2`]: bytes `32 i + 4 w +
+/// t` (`i` < 4, `t` < 4) hold row `w`'s quants `4 i + t` (low nibble) and `16 + 4 i + t`
+/// (high nibble), so that each 32-byte load gives four quants of every row in the lane of
+/// its row; then the eight scales and offsets, lane by lane.
+#[repr(C, align(32))]
+#[derive(Clone, Copy)]
+pub struct GroupQ4_1x8 {
+    qs: [u8; 4 * 32],
+    d: [f32; GROUP8],
+    m: [f32; GROUP8],
+}
+
+/// One block of eight Q8_0 weight rows for [`Isa::Avx2`]: bytes `32 j + 4 w + t` hold row
+/// `w`'s quant `4 j + t`; then the eight scales.
+#[repr(C, align(32))]
+#[derive(Clone, Copy)]
+pub struct GroupQ8_0x8 {
+    qs: [i8; 8 * 32],
+    d: [f32; GROUP8],
+}
+
+impl GroupQ4_1x8 {
+    /// Block `b` of rows `rows` (eight rows of `nb` file blocks each).
+    fn pack(rows: &[FileQ4_1], nb: usize, b: usize) -> Self {
+        let mut g = Self {
+            qs: [0; 4 * 32],
+            d: [0.0; GROUP8],
+            m: [0.0; GROUP8],
+        };
+        for w in 0..GROUP8 {
+            let x = &rows[w * nb + b];
+            g.d[w] = f16::from_bits(x.d).to_f32();
+            g.m[w] = f16::from_bits(x.m).to_f32();
+            for i in 0..4 {
+                g.qs[32 * i + 4 * w..][..4].copy_from_slice(&x.qs[4 * i..4 * i + 4]);
+            }
+        }
+        g
+    }
+
+    /// Row `w`'s quant `k`.
+    fn quant(&self, w: usize, k: usize) -> u8 {
+        let (i, t, high) = ((k % 16) / 4, k % 4, k >= 16);
+        let byte = self.qs[32 * i + 4 * w + t];
+        if high {
+            byte >> 4
+        } else {
+            byte & 0x0F
+        }
+    }
+}
+
+impl GroupQ8_0x8 {
+    /// Block `b` of rows `rows` (eight rows of `nb` file blocks each).
+    fn pack(rows: &[FileQ8_0], nb: usize, b: usize) -> Self {
+        let mut g = Self {
+            qs: [0; 8 * 32],
+            d: [0.0; GROUP8],
+        };
+        for w in 0..GROUP8 {
+            let x = &rows[w * nb + b];
+            g.d[w] = f16::from_bits(x.d).to_f32();
+            for (k, &q) in x.qs.iter().enumerate() {
+                g.qs[32 * (k / 4) + 4 * w + k % 4] = q;
+            }
+        }
+        g
+    }
+
+    /// Row `w`'s quant `k`.
+    fn quant(&self, w: usize, k: usize) -> i8 {
+        self.qs[32 * (k / 4) + 4 * w + k % 4]
+    }
+}
+
+/// Repacks a matrix of `rows` x `nb` file blocks into groups of `size` rows (`rows` a
 /// multiple of it): group `g`'s block `b` is at `g * nb + b`.
-fn groups<F, G>(v: &[F], rows: usize, nb: usize, pack: impl Fn(&[F], usize, usize) -> G) -> Vec<G> {
+fn groups<F, G>(
+    v: &[F],
+    rows: usize,
+    nb: usize,
+    size: usize,
+    pack: impl Fn(&[F], usize, usize) -> G,
+) -> Vec<G> {
     // Sized up front: the largest matrices are tens of MB, and a growing vector would hold
     // twice that at its peak.
-    let mut out = Vec::with_capacity(rows / GROUP * nb);
-    for rows in v.chunks_exact(GROUP * nb).take(rows / GROUP) {
+    let mut out = Vec::with_capacity(rows / size * nb);
+    for rows in v.chunks_exact(size * nb).take(rows / size) {
         out.extend((0..nb).map(|b| pack(rows, nb, b)));
     }
     out
@@ -549,17 +727,65 @@ pub struct Scratch {
 }
 
 /// Quantises one block of [`QK`] values into `qs`; returns its scale `d`, `d * sum(q)` and
-/// `sum(q)`.
-fn quantize_block(xs: &[f32], qs: &mut [i8]) -> (f32, f32, i32) {
-    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-    let d = amax / 127.0;
-    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-    let mut sum = 0i32;
-    for (q, &v) in qs.iter_mut().zip(xs) {
-        let r = (v * id).round() as i32;
-        *q = r.clamp(-127, 127) as i8;
-        sum += i32::from(*q);
+/// `sum(q)`. Quants are `x / d` rounded to nearest (ties to even), in -127..=127.
+fn quantize_block(xs: &[f32; QK], qs: &mut [i8; QK]) -> (f32, f32, i32) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    // SAFETY: AVX2 is enabled at compile time (cfg); the arrays are QK = 32 long.
+    unsafe {
+        quantize_block_avx2(xs, qs)
     }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+    {
+        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in qs.iter_mut().zip(xs) {
+            let r = (v * id).round_ties_even() as i32;
+            *q = r.clamp(-127, 127) as i8;
+            sum += i32::from(*q);
+        }
+        (d, d * sum as f32, sum)
+    }
+}
+
+/// [`quantize_block`] eight lanes at a time (the same values).
+/// Safety: AVX2.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+#[inline(always)]
+unsafe fn quantize_block_avx2(xs: &[f32; QK], qs: &mut [i8; QK]) -> (f32, f32, i32) {
+    use std::arch::x86_64::*;
+    let p = xs.as_ptr();
+    let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(p.add(8 * i)));
+    let abs = _mm256_set1_ps(-0.0);
+    let m = v.iter().fold(_mm256_setzero_ps(), |m, &x| {
+        _mm256_max_ps(m, _mm256_andnot_ps(abs, x))
+    });
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+    let d = amax / 127.0;
+    let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+    let q: [__m256i; 4] = std::array::from_fn(|i| {
+        let r = _mm256_round_ps(
+            _mm256_mul_ps(v[i], id),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(r), lo), hi)
+    });
+    let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let sum = _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)));
+    // Packing works within 128-bit halves: the bytes come out as 4-value runs of
+    // q0 q1 q2 q3 (low halves), then of their high halves; one permute restores the order.
+    let b = _mm256_packs_epi16(
+        _mm256_packs_epi32(q[0], q[1]),
+        _mm256_packs_epi32(q[2], q[3]),
+    );
+    let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(qs.as_mut_ptr().cast(), b);
     (d, d * sum as f32, sum)
 }
 
@@ -574,6 +800,7 @@ fn quantize_rows(x: &[f32], out: &mut Vec<BlockQ8>, sums: &mut Vec<f32>, isums: 
     isums.clear();
     isums.resize(n, 0);
     let one = |(((xs, b), s), i): (((&[f32], &mut BlockQ8), &mut f32), &mut i32)| {
+        let xs: &[f32; QK] = xs.try_into().expect("chunks of QK");
         (b.d, *s, *i) = quantize_block(xs, &mut b.qs);
     };
     if x.len() >= PARALLEL_WORK {
@@ -601,8 +828,8 @@ const ROWS_PER_TASK: usize = 16;
 /// Activation rows one kernel call takes.
 const ACT_ROWS: usize = 4;
 
-// A task of the AVX-512 kernels is one group of rows.
-const _: () = assert!(ROWS_PER_TASK == GROUP);
+// A task of the AVX-512 kernels is one group of rows, of the AVX2 ones two.
+const _: () = assert!(ROWS_PER_TASK == GROUP && ROWS_PER_TASK == 2 * GROUP8);
 
 /// A pointer to `out` that tasks writing disjoint elements share.
 #[derive(Clone, Copy)]
@@ -625,15 +852,16 @@ fn pick<'a, T>(v: &'a [T], idx: &[usize], len: usize) -> [&'a [T]; ACT_ROWS] {
     std::array::from_fn(|o| &v[idx[o.min(idx.len() - 1)] * len..][..len])
 }
 
-/// One task's results: `res[w][a]` for its weight rows and the current activation rows.
-type TaskResults = [[f32; ACT_ROWS]; ROWS_PER_TASK];
+/// One task's results: `res[a][w]` for the current activation rows and its weight rows
+/// (activation-major, so each activation row's results go to `out` in one piece).
+type TaskResults = [[f32; ROWS_PER_TASK]; ACT_ROWS];
 
 /// The shared loop: parallel over blocks of [`ROWS_PER_TASK`] weight rows (output
 /// columns); a task walks the activation rows four at a time and dots each group with all
 /// of its weight rows, so its weights stay in L1 and each activation group is read once
-/// per task. `dot(weight rows, activation rows, res)` writes `res[w - first][a]` for each
-/// weight row `w` of the range and each (one to four) activation row index `a`. Results go
-/// straight to `out` (`m` x `n`).
+/// per task. `dot(weight rows, activation rows, res)` writes `res[a][w - first]` for each
+/// (one to four) activation row index `a` and each weight row `w` of the range. Results go
+/// straight to `out` (`m` x `n`), a contiguous run of columns per activation row.
 fn tiled(
     (m, k, n): (usize, usize, usize),
     out: &mut [f32],
@@ -643,17 +871,18 @@ fn tiled(
     let dst = SharedOut(out.as_mut_ptr());
     let task = |t: usize| {
         let (r0, r1) = (t * ROWS_PER_TASK, ((t + 1) * ROWS_PER_TASK).min(n));
-        let mut res = [[0f32; ACT_ROWS]; ROWS_PER_TASK];
+        let mut res = [[0f32; ROWS_PER_TASK]; ACT_ROWS];
         for i in (0..m).step_by(ACT_ROWS) {
             let ai: [usize; ACT_ROWS] = std::array::from_fn(|o| i + o);
             let ai = &ai[..(m - i).min(ACT_ROWS)];
             dot(r0..r1, ai, &mut res);
-            for (r, res) in (r0..r1).zip(&res) {
-                for (&i, &v) in ai.iter().zip(res) {
-                    // SAFETY: i < m and r < r1 <= n, so the index is inside `out` (of
-                    // m * n elements, asserted above); column r belongs to this task alone.
-                    unsafe { *dst.get().add(i * n + r) = v };
-                }
+            for (&i, res) in ai.iter().zip(&res) {
+                // SAFETY: i < m and r0 < r1 <= n, so the r1 - r0 elements from i * n + r0
+                // are inside `out` (of m * n elements, asserted above); columns r0..r1
+                // belong to this task alone, and `res` is a separate buffer.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(res.as_ptr(), dst.get().add(i * n + r0), r1 - r0)
+                };
             }
         }
     };
@@ -740,12 +969,9 @@ fn dot_q4_1(
     res: &mut TaskResults,
 ) {
     let nb = check_shape(w, a);
-    for ((w, mins), res) in w
-        .chunks_exact(nb)
-        .zip(mins.chunks_exact(nb))
-        .zip(res.iter_mut())
-    {
-        for ((a, sums), r) in a.iter().zip(sums).zip(res.iter_mut()) {
+    for (j, (w, mins)) in w.chunks_exact(nb).zip(mins.chunks_exact(nb)).enumerate() {
+        for ((a, sums), res) in a.iter().zip(sums).zip(res.iter_mut()) {
+            let r = &mut res[j];
             let mut sum = 0f32;
             for (x, y) in w.iter().zip(a.iter()) {
                 let mut s = 0i32;
@@ -786,8 +1012,9 @@ fn dot_q8_0(w: &[BlockQ8_0], a: &[&[BlockQ8]], res: &mut TaskResults) {
 )))]
 fn dot_q8_0(w: &[BlockQ8_0], a: &[&[BlockQ8]], res: &mut TaskResults) {
     let nb = check_shape(w, a);
-    for (w, res) in w.chunks_exact(nb).zip(res.iter_mut()) {
-        for (a, r) in a.iter().zip(res.iter_mut()) {
+    for (j, w) in w.chunks_exact(nb).enumerate() {
+        for (a, res) in a.iter().zip(res.iter_mut()) {
+            let r = &mut res[j];
             let mut sum = 0f32;
             for (x, y) in w.iter().zip(a.iter()) {
                 let s: i32 =
@@ -852,7 +1079,7 @@ mod avx2 {
         let sums: [*const f32; N] = std::array::from_fn(|r| sums.get_unchecked(r).as_ptr());
         let mask = _mm_set1_epi8(0x0F);
         let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        for (j, res) in res.iter_mut().take(w.len() / nb).enumerate() {
+        for j in 0..w.len() / nb {
             let (w, mins) = (w.as_ptr().add(j * nb), mins.as_ptr().add(j * nb));
             let mut acc = [_mm256_setzero_ps(); N];
             for b0 in (0..nb).step_by(8) {
@@ -881,7 +1108,7 @@ mod avx2 {
                 }
             }
             for r in 0..N {
-                res[r] = hsum(acc[r]);
+                res[r][j] = hsum(acc[r]);
             }
         }
     }
@@ -895,7 +1122,7 @@ mod avx2 {
         res: &mut TaskResults,
     ) {
         let a: [*const BlockQ8; N] = std::array::from_fn(|r| a.get_unchecked(r).as_ptr());
-        for (j, res) in res.iter_mut().take(w.len() / nb).enumerate() {
+        for j in 0..w.len() / nb {
             let w = w.as_ptr().add(j * nb);
             let mut acc = [_mm256_setzero_ps(); N];
             for b in 0..nb {
@@ -913,7 +1140,7 @@ mod avx2 {
                 }
             }
             for r in 0..N {
-                res[r] = hsum(acc[r]);
+                res[r][j] = hsum(acc[r]);
             }
         }
     }
@@ -996,14 +1223,9 @@ mod x16 {
         /// Each activation row's accumulator into `res`: lane `w` is output column `w`.
         #[inline(always)]
         unsafe fn store<const N: usize>(acc: &[__m512; N], res: &mut TaskResults) {
-            let mut lanes = [[0f32; GROUP]; N];
+            const { assert!(GROUP == super::super::ROWS_PER_TASK) };
             for r in 0..N {
-                _mm512_storeu_ps(lanes[r].as_mut_ptr(), acc[r]);
-            }
-            for (w, res) in res.iter_mut().enumerate() {
-                for r in 0..N {
-                    res[r] = lanes[r][w];
-                }
+                _mm512_storeu_ps(res[r].as_mut_ptr(), acc[r]);
             }
         }
 
@@ -1091,6 +1313,194 @@ mod x16 {
     }
 }
 
+/// The AVX2 kernels of [`Isa::Avx2`]: the weights repacked at load time in groups of eight
+/// rows ([`GroupQ4_1x8`], [`GroupQ8_0x8`]: same size as the row layout's blocks) so that one
+/// register holds four quants of each of the eight rows, against four activation quants
+/// broadcast to every lane. `vpmaddubsw` then multiplies 32 pairs for eight output columns
+/// at once, and a block's products stay in the lanes of their column: one widening, one
+/// conversion and one scale step per block and activation row serve all eight rows, where
+/// the row-at-a-time kernels spend them per row, and nothing is summed across lanes. The
+/// integer sums are exact (Q4_1: eight products of a 4-bit and a 7-bit value fit an i16);
+/// each output's float sum runs block by block in one lane, the same instructions whatever
+/// else is in the call, so results do not depend on batching (they differ from
+/// [`Isa::Baseline`]'s in the last bits; a process uses one kind throughout).
+mod x8 {
+    use super::{BlockQ8, GroupQ4_1x8, GroupQ8_0x8, Isa, TaskResults, ACT_ROWS, GROUP8};
+
+    /// Checks a call: `nb` blocks of one group of rows, whose [`GROUP8`] results go to
+    /// columns `col..col + GROUP8` of the task's results, one to [`ACT_ROWS`] activation
+    /// rows of `nb` blocks, and a CPU with AVX2 and FMA (what makes the unchecked loads,
+    /// stores and instructions sound).
+    fn check(nb: usize, a: &[&[BlockQ8]], res: &TaskResults, col: usize) {
+        assert!(
+            nb > 0
+                && !a.is_empty()
+                && a.len() <= ACT_ROWS
+                && a.iter().all(|a| a.len() == nb)
+                && col + GROUP8 <= res[0].len(),
+            "kernel shape"
+        );
+        assert!(
+            Isa::Avx2.runs(),
+            "AVX2 kernels on a CPU without AVX2 and FMA"
+        );
+    }
+
+    /// Q4_1: the [`GROUP8`] rows of `w` (one group per block) against activation rows `a`
+    /// with their blocks' `d * sum(q)` in `sums`, into `res[a][col..col + GROUP8]`.
+    pub fn dot_q4_1(
+        w: &[GroupQ4_1x8],
+        a: &[&[BlockQ8]],
+        sums: &[&[f32]],
+        res: &mut TaskResults,
+        col: usize,
+    ) {
+        let nb = w.len();
+        check(nb, a, res, col);
+        assert!(
+            sums.len() == a.len() && sums.iter().all(|s| s.len() == nb),
+            "kernel shape"
+        );
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 and FMA and the shapes are checked (above).
+        unsafe {
+            match a.len() {
+                1 => imp::dot_q4_1::<1>(w, nb, a, sums, res, col),
+                2 => imp::dot_q4_1::<2>(w, nb, a, sums, res, col),
+                3 => imp::dot_q4_1::<3>(w, nb, a, sums, res, col),
+                _ => imp::dot_q4_1::<4>(w, nb, a, sums, res, col),
+            }
+        }
+    }
+
+    /// Q8_0: as [`dot_q4_1`] (Q8_0 has no offset term).
+    pub fn dot_q8_0(w: &[GroupQ8_0x8], a: &[&[BlockQ8]], res: &mut TaskResults, col: usize) {
+        let nb = w.len();
+        check(nb, a, res, col);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as for dot_q4_1.
+        unsafe {
+            match a.len() {
+                1 => imp::dot_q8_0::<1>(w, nb, a, res, col),
+                2 => imp::dot_q8_0::<2>(w, nb, a, res, col),
+                3 => imp::dot_q8_0::<3>(w, nb, a, res, col),
+                _ => imp::dot_q8_0::<4>(w, nb, a, res, col),
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod imp {
+        use super::super::{BlockQ8, GroupQ4_1x8, GroupQ8_0x8, TaskResults};
+        use std::arch::x86_64::*;
+
+        /// Each activation row's accumulator into `res[r][col..col + 8]`: lane `w` is the
+        /// group's output column `w`.
+        #[inline(always)]
+        unsafe fn store<const N: usize>(acc: &[__m256; N], res: &mut TaskResults, col: usize) {
+            for r in 0..N {
+                _mm256_storeu_ps(res.get_unchecked_mut(r).as_mut_ptr().add(col), acc[r]);
+            }
+        }
+
+        /// Four activation quants (`a.qs[4 i..4 i + 4]`) in every lane.
+        #[inline(always)]
+        unsafe fn quad(a: *const BlockQ8, i: usize) -> __m256i {
+            let p = (*a).qs.as_ptr().add(4 * i).cast::<i32>();
+            _mm256_set1_epi32(p.read_unaligned())
+        }
+
+        /// Safety: AVX2 and FMA; `w` has `nb` groups; `a` and `sums` have `N` rows of `nb`
+        /// blocks and values; `col + 8` is at most `res`' row length.
+        ///
+        /// Each lane's i16 pairs add up eight `vpmaddubsw` results (quants 0..16 times
+        /// -127..=127, two per pair: at most 8 * 2 * 15 * 127 = 30,480 < 2^15), then one
+        /// `vpmaddwd` widens them.
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn dot_q4_1<const N: usize>(
+            w: &[GroupQ4_1x8],
+            nb: usize,
+            a: &[&[BlockQ8]],
+            sums: &[&[f32]],
+            res: &mut TaskResults,
+            col: usize,
+        ) {
+            let a: [*const BlockQ8; N] = std::array::from_fn(|r| a.get_unchecked(r).as_ptr());
+            let sums: [*const f32; N] = std::array::from_fn(|r| sums.get_unchecked(r).as_ptr());
+            let mask = _mm256_set1_epi8(0x0F);
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [_mm256_setzero_ps(); N];
+            for b in 0..nb {
+                let g = w.get_unchecked(b);
+                let q = g.qs.as_ptr().cast::<__m256i>();
+                let mut s16 = [_mm256_setzero_si256(); N];
+                // Load i holds quants 4i..4i+4 (low nibbles) and 16+4i.. (high) of each row.
+                for i in 0..4 {
+                    let v = _mm256_load_si256(q.add(i));
+                    let lo = _mm256_and_si256(v, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    for r in 0..N {
+                        let y = a[r].add(b);
+                        let p = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo, quad(y, i)),
+                            _mm256_maddubs_epi16(hi, quad(y, 4 + i)),
+                        );
+                        s16[r] = _mm256_add_epi16(s16[r], p);
+                    }
+                }
+                let dv = _mm256_load_ps(g.d.as_ptr());
+                let mv = _mm256_load_ps(g.m.as_ptr());
+                for r in 0..N {
+                    let y = a[r].add(b);
+                    let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[r], ones));
+                    let scale = _mm256_mul_ps(dv, _mm256_set1_ps((*y).d));
+                    acc[r] = _mm256_fmadd_ps(s, scale, acc[r]);
+                    acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(*sums[r].add(b)), acc[r]);
+                }
+            }
+            store(&acc, res, col);
+        }
+
+        /// Safety: as for `dot_q4_1`, without `sums`.
+        ///
+        /// `vpmaddubsw` multiplies unsigned by signed bytes: each weight's magnitude goes
+        /// with the activation quant carrying the weight's sign (`vpsignb`). Two such
+        /// products can reach 2 * 128 * 127, so each `vpmaddubsw` is widened on its own.
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn dot_q8_0<const N: usize>(
+            w: &[GroupQ8_0x8],
+            nb: usize,
+            a: &[&[BlockQ8]],
+            res: &mut TaskResults,
+            col: usize,
+        ) {
+            let a: [*const BlockQ8; N] = std::array::from_fn(|r| a.get_unchecked(r).as_ptr());
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [_mm256_setzero_ps(); N];
+            for b in 0..nb {
+                let g = w.get_unchecked(b);
+                let q = g.qs.as_ptr().cast::<__m256i>();
+                let mut s = [_mm256_setzero_si256(); N];
+                for j in 0..8 {
+                    let wj = _mm256_load_si256(q.add(j));
+                    let mag = _mm256_sign_epi8(wj, wj);
+                    for r in 0..N {
+                        let y = _mm256_sign_epi8(quad(a[r].add(b), j), wj);
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(mag, y), ones);
+                        s[r] = _mm256_add_epi32(s[r], p);
+                    }
+                }
+                let dv = _mm256_load_ps(g.d.as_ptr());
+                for r in 0..N {
+                    let scale = _mm256_mul_ps(dv, _mm256_set1_ps((*a[r].add(b)).d));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), scale, acc[r]);
+                }
+            }
+            store(&acc, res, col);
+        }
+    }
+}
+
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
@@ -1126,17 +1536,18 @@ pub(super) mod tests {
 
     /// Every kernel kind this CPU runs ([`Isa::Baseline`] always).
     pub(in crate::llm::local) fn kinds() -> Vec<Isa> {
-        let mut v = vec![Isa::Baseline];
-        if Isa::best() != Isa::Baseline {
-            v.push(Isa::best());
-        }
-        v
+        [Isa::Baseline, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|k| k.runs())
+            .collect()
     }
 
     fn check(dtype: GgmlDType) {
         for isa in kinds() {
-            // 48 rows: three groups of the AVX-512 layout; 40: rows it cannot group.
-            for n in [48, 40] {
+            // 48 rows: three groups of the AVX-512 layout, six of the AVX2 one; 40: five
+            // AVX2 groups (the last task has one), rows the AVX-512 layout cannot group;
+            // 44: rows neither can.
+            for n in [48, 40, 44] {
                 check_with(dtype, isa, n, 128);
                 // 3 blocks a row: an odd count. (Our kernels only: candle's Q5_0 product
                 // wants an even count.)
@@ -1160,14 +1571,14 @@ pub(super) mod tests {
             .to_vec1::<f32>()
             .unwrap();
         let weights = Weights::from_qtensor_for("w", q, isa).unwrap();
-        let grouped = matches!(weights.data, Data::Q4_1x16(_) | Data::Q8_0x16(_));
-        let groupable =
-            matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0) && n.is_multiple_of(GROUP);
-        assert_eq!(
-            grouped,
-            isa == Isa::Avx512 && groupable,
-            "{dtype:?} {isa:?} n={n}"
-        );
+        let group = match weights.data {
+            Data::Q4_1x16(_) | Data::Q8_0x16(_) => Some(GROUP),
+            Data::Q4_1x8(_) | Data::Q8_0x8(_) => Some(GROUP8),
+            _ => None,
+        };
+        let ours = matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0);
+        let want = isa.group().filter(|&g| ours && n.is_multiple_of(g));
+        assert_eq!(group, want, "{dtype:?} {isa:?} n={n}");
         let mut scratch = Scratch::default();
         let mut single = Vec::new();
         for m in [1usize, 3, 4, 7, 9] {
@@ -1207,6 +1618,35 @@ pub(super) mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn activation_blocks_round_to_nearest_even_within_127() {
+        // amax 127 makes d = 1, so the quants are the values rounded: ties go to even.
+        let mut x = [0f32; QK];
+        x[0] = 127.0;
+        x[1..9].copy_from_slice(&[2.5, 3.5, -2.5, -3.5, 0.5, -0.5, 2.4999, 126.6]);
+        let mut q = [0i8; QK];
+        let (d, dsum, sum) = quantize_block(&x, &mut q);
+        assert_eq!(d, 1.0);
+        assert_eq!(q[..9], [127, 2, 4, -2, -4, 0, 0, 2, 127]);
+        assert_eq!(sum, q.iter().map(|&v| i32::from(v)).sum::<i32>());
+        assert_eq!(dsum, sum as f32);
+        // Any block: the same as the plain formula, element by element.
+        for seed in 0..50 {
+            let x: [f32; QK] = std::array::from_fn(|i| data(QK, seed)[i] * (seed as f32 + 0.1));
+            let (d, _, sum) = quantize_block(&x, &mut q);
+            let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+            assert_eq!(d, amax / 127.0);
+            for (i, (&v, &qi)) in x.iter().zip(&q).enumerate() {
+                let want = (v * (1.0 / d)).round_ties_even().clamp(-127.0, 127.0) as i8;
+                assert_eq!(qi, want, "seed {seed} at {i}: {v}");
+            }
+            assert_eq!(sum, q.iter().map(|&v| i32::from(v)).sum::<i32>());
+        }
+        // All zero: d 0, quants 0.
+        let (d, _, sum) = quantize_block(&[0.0; QK], &mut q);
+        assert!(d == 0.0 && sum == 0 && q == [0; QK]);
     }
 
     #[test]

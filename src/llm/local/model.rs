@@ -547,11 +547,7 @@ impl Model {
             add(x, o);
             rms_norm(x, &layer.ffn_norm, c.eps, h);
             kernels::matmuls(h, m, &mut [(&layer.gate, g), (&layer.up, u)], scratch)?;
-            let swiglu = |(g, u): (&mut [f32], &[f32])| {
-                for (gi, ui) in g.iter_mut().zip(u) {
-                    *gi = *gi / (1.0 + (-*gi).exp()) * ui;
-                }
-            };
+            let swiglu = |(g, u): (&mut [f32], &[f32])| head::silu_mul(g, u);
             if m > 1 {
                 g.par_chunks_mut(c.ffn)
                     .zip(u.par_chunks(c.ffn))
@@ -733,6 +729,28 @@ mod head {
                 sum += *v;
             }
             sum
+        }
+    }
+
+    /// SwiGLU's product: `g[i] = silu(g[i]) * u[i]`, `silu(x) = x / (1 + e^-x)`.
+    pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+        assert_eq!(g.len(), u.len());
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ))]
+        // SAFETY: the CPU features are enabled at compile time (cfg); the lengths are equal.
+        unsafe {
+            avx2::silu_mul(g, u)
+        }
+        #[cfg(not(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        )))]
+        for (gi, ui) in g.iter_mut().zip(u) {
+            *gi = *gi / (1.0 + (-*gi).exp()) * ui;
         }
     }
 
@@ -935,6 +953,32 @@ mod head {
             _mm256_mul_ps(y, _mm256_castsi256_ps(e))
         }
 
+        /// `g = g / (1 + e^-g) * u`, eight lanes at a time; the tail goes through the same
+        /// lanes (its unused ones are zero, and dropped).
+        /// Safety: AVX2 and FMA; `u` is as long as `g`.
+        pub unsafe fn silu_mul(g: &mut [f32], u: &[f32]) {
+            let one = _mm256_set1_ps(1.0);
+            let f = |gv: __m256, uv: __m256| {
+                let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+                _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), uv)
+            };
+            let n = g.len() / 8 * 8;
+            let (gp, up) = (g.as_mut_ptr(), u.as_ptr());
+            for i in (0..n).step_by(8) {
+                let r = f(_mm256_loadu_ps(gp.add(i)), _mm256_loadu_ps(up.add(i)));
+                _mm256_storeu_ps(gp.add(i), r);
+            }
+            if n < g.len() {
+                let (mut gb, mut ub) = ([0f32; 8], [0f32; 8]);
+                let t = g.len() - n;
+                gb[..t].copy_from_slice(&g[n..]);
+                ub[..t].copy_from_slice(&u[n..]);
+                let r = f(_mm256_loadu_ps(gb.as_ptr()), _mm256_loadu_ps(ub.as_ptr()));
+                _mm256_storeu_ps(gb.as_mut_ptr(), r);
+                g[n..].copy_from_slice(&gb[..t]);
+            }
+        }
+
         /// `x[j] = e^(x[j] - max)` and their sum (eight lanes in order, then [`hsum`]).
         /// Safety: AVX2 and FMA.
         pub unsafe fn exp_sum(x: &mut [f32], max: f32) -> f32 {
@@ -1063,6 +1107,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn silu_mul_matches_the_formula_at_every_length() {
+        let g: Vec<f32> = values(45, 4).into_iter().map(|v| v * 30.0).collect();
+        let u = values(45, 5);
+        for n in [0, 1, 7, 8, 9, 45] {
+            let mut got = g[..n].to_vec();
+            head::silu_mul(&mut got, &u[..n]);
+            for (i, &v) in got.iter().enumerate() {
+                let x = f64::from(g[i]);
+                let want = x / (1.0 + (-x).exp()) * f64::from(u[i]);
+                assert!(
+                    (f64::from(v) - want).abs() <= 1e-6 * want.abs() + 1e-30,
+                    "n {n} at {i}: {v} vs {want}"
+                );
+            }
+        }
+        // Far out: no overflow to NaN, silu(-100) ~ 0, silu(100) = 100.
+        let mut x = vec![-100.0, 100.0, -1e30, 1e30];
+        head::silu_mul(&mut x, &[1.0; 4]);
+        assert!(
+            x[0].abs() < 1e-30 && x[1] == 100.0 && x[2].abs() < 1e-6,
+            "{x:?}"
+        );
+        assert_eq!(x[3], 1e30);
     }
 
     #[test]
