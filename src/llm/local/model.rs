@@ -769,13 +769,13 @@ mod head {
             // SAFETY: as for `scores`.
             unsafe {
                 match heads {
-                    1 => return avx2::weighted_sum64::<1>(w, v, out),
-                    2 => return avx2::weighted_sum64::<2>(w, v, out),
-                    3 => return avx2::weighted_sum64::<3>(w, v, out),
-                    4 => return avx2::weighted_sum64::<4>(w, v, out),
+                    1 => return avx2::weighted_sum64::<1, 4>(w, v, out),
+                    2 => return avx2::weighted_sum64::<2, 4>(w, v, out),
+                    3 => return avx2::weighted_sum64::<3, 2>(w, v, out),
+                    4 => return avx2::weighted_sum64::<4, 2>(w, v, out),
                     _ => {
                         for h in 0..heads {
-                            avx2::weighted_sum64::<1>(
+                            avx2::weighted_sum64::<1, 4>(
                                 &w[h * n..(h + 1) * n],
                                 v,
                                 &mut out[h * 64..(h + 1) * 64],
@@ -823,21 +823,16 @@ mod head {
             _mm_cvtss_f32(_mm_add_ss(lo, hi))
         }
 
-        /// [`hsum`] of each of eight vectors, as one vector. Within each 128-bit half,
+        /// [`hsum`] of each of four vectors, as one 4-lane vector. Within each 128-bit half,
         /// hadd(a, b) gives (a0+a1, a2+a3, b0+b1, b2+b3); a second round gives
-        /// ((a0+a1)+(a2+a3), ...) for four vectors; the halves then hold lanes 0..4 and 4..8
-        /// of each vector, and one add joins them.
+        /// ((a0+a1)+(a2+a3), ...) for the four vectors; the halves then hold lanes 0..4 and
+        /// 4..8 of each vector, and one add joins them.
         #[inline(always)]
-        unsafe fn hsum8(a: &[__m256; 8]) -> __m256 {
+        unsafe fn hsum4(a: &[__m256; 4]) -> __m128 {
             let h01 = _mm256_hadd_ps(a[0], a[1]);
             let h23 = _mm256_hadd_ps(a[2], a[3]);
-            let h45 = _mm256_hadd_ps(a[4], a[5]);
-            let h67 = _mm256_hadd_ps(a[6], a[7]);
-            let g0 = _mm256_hadd_ps(h01, h23); // keys 0..4: low half lanes 0..4, high 4..8
-            let g1 = _mm256_hadd_ps(h45, h67); // keys 4..8
-            let lo = _mm256_permute2f128_ps(g0, g1, 0x20);
-            let hi = _mm256_permute2f128_ps(g0, g1, 0x31);
-            _mm256_add_ps(lo, hi)
+            let g = _mm256_hadd_ps(h01, h23);
+            _mm_add_ps(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1))
         }
 
         /// One key against `G` queries: for each, eight lanes accumulated over the eight
@@ -864,22 +859,23 @@ mod head {
             let n = out.len() / G;
             let op = out.as_mut_ptr();
             let mut j = 0;
-            // Eight keys per round: their lanes are computed as in the one-key tail and
-            // summed by a tree of horizontal adds that adds each key's lanes in hsum's
-            // order, eight keys at once.
-            let sv = _mm256_set1_ps(scale);
-            while j + 8 <= n {
-                let mut a = [[_mm256_setzero_ps(); 8]; G];
-                for i in 0..8 {
+            // Four keys per round (the `G` heads' lanes of four keys fill twelve registers
+            // at most): their lanes are computed as in the one-key tail and summed by a
+            // tree of horizontal adds that adds each key's lanes in hsum's order, four keys
+            // at once.
+            let sv = _mm_set1_ps(scale);
+            while j + 4 <= n {
+                let mut a = [[_mm256_setzero_ps(); 4]; G];
+                for i in 0..4 {
                     let d = dot64::<G>(qp, kp.add((j + i) * 64));
                     for h in 0..G {
                         a[h][i] = d[h];
                     }
                 }
                 for (h, a) in a.iter().enumerate() {
-                    _mm256_storeu_ps(op.add(h * n + j), _mm256_mul_ps(hsum8(a), sv));
+                    _mm_storeu_ps(op.add(h * n + j), _mm_mul_ps(hsum4(a), sv));
                 }
-                j += 8;
+                j += 4;
             }
             while j < n {
                 let d = dot64::<G>(qp, kp.add(j * 64));
@@ -891,21 +887,26 @@ mod head {
         }
 
         /// Safety: AVX2, FMA, F16C; `w` holds `G` rows of `n` weights, `v` `n` rows of 64
-        /// and `out` `G` rows of 64.
+        /// and `out` `G` rows of 64; `C` divides 8.
         ///
         /// Each output lane accumulates its weighted values in key order; the 64 lanes go in
-        /// two halves so that the `G` heads' accumulators fit in registers.
+        /// parts of `C` chunks of eight so that the `G` heads' accumulators (`G * C`) fit in
+        /// registers with room to spare (three heads and four chunks would spill).
         #[allow(clippy::needless_range_loop)] // indices into two arrays at once
-        pub unsafe fn weighted_sum64<const G: usize>(w: &[f32], v: &[f16], out: &mut [f32]) {
+        pub unsafe fn weighted_sum64<const G: usize, const C: usize>(
+            w: &[f32],
+            v: &[f16],
+            out: &mut [f32],
+        ) {
             let n = w.len() / G;
             let (wp, vp) = (w.as_ptr(), v.as_ptr());
-            for half in 0..2 {
-                let mut acc = [[_mm256_setzero_ps(); 4]; G];
+            for part in 0..8 / C {
+                let mut acc = [[_mm256_setzero_ps(); C]; G];
                 for j in 0..n {
-                    let row = vp.add(j * 64 + half * 32);
+                    let row = vp.add(j * 64 + part * C * 8);
                     let wv: [__m256; G] =
                         std::array::from_fn(|h| _mm256_set1_ps(*wp.add(h * n + j)));
-                    for c in 0..4 {
+                    for c in 0..C {
                         let vc = load8(row.add(c * 8));
                         for h in 0..G {
                             acc[h][c] = _mm256_fmadd_ps(wv[h], vc, acc[h][c]);
@@ -914,7 +915,8 @@ mod head {
                 }
                 for (h, acc) in acc.iter().enumerate() {
                     for (c, a) in acc.iter().enumerate() {
-                        _mm256_storeu_ps(out.as_mut_ptr().add(h * 64 + half * 32 + c * 8), *a);
+                        let at = h * 64 + part * C * 8 + c * 8;
+                        _mm256_storeu_ps(out.as_mut_ptr().add(at), *a);
                     }
                 }
             }
