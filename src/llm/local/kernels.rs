@@ -1107,8 +1107,8 @@ mod avx2 {
                     }
                 }
             }
-            for r in 0..N {
-                res[r][j] = hsum(acc[r]);
+            for (res, acc) in res.iter_mut().zip(&acc) {
+                res[j] = hsum(*acc);
             }
         }
     }
@@ -1139,8 +1139,8 @@ mod avx2 {
                     acc[r] = _mm256_fmadd_ps(scale, prod, acc[r]);
                 }
             }
-            for r in 0..N {
-                res[r][j] = hsum(acc[r]);
+            for (res, acc) in res.iter_mut().zip(&acc) {
+                res[j] = hsum(*acc);
             }
         }
     }
@@ -1398,8 +1398,8 @@ mod x8 {
         /// group's output column `w`.
         #[inline(always)]
         unsafe fn store<const N: usize>(acc: &[__m256; N], res: &mut TaskResults, col: usize) {
-            for r in 0..N {
-                _mm256_storeu_ps(res.get_unchecked_mut(r).as_mut_ptr().add(col), acc[r]);
+            for (r, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(res.get_unchecked_mut(r).as_mut_ptr().add(col), *acc);
             }
         }
 
