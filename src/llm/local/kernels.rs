@@ -156,7 +156,7 @@ impl Weights {
             .shape()
             .dims2()
             .map_err(|e| err(format!("not a matrix: {e}")))?;
-        // Rows in groups of this many for `isa`'s kernels (1: the file's row layout).
+        // Rows in groups of this many for `isa`'s kernels (None: the file's row layout).
         let group = isa
             .group()
             .filter(|&g| isa.runs() && rows.is_multiple_of(g));
@@ -503,22 +503,25 @@ impl Isa {
         })
     }
 
-    /// The best kernels this CPU can run.
+    /// The best kernels this CPU can run (found once; the kernels check it on every call).
     pub fn best() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni")
-            && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-        {
-            return Isa::Avx512;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return Isa::Avx2;
-        }
-        Isa::Baseline
+        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx512;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+            Isa::Baseline
+        })
     }
 
     /// Whether this CPU runs these kernels.
