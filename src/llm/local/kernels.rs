@@ -11,9 +11,10 @@
 //! of instructions whatever the other rows are: a row gives bit-identical results alone, in
 //! a prompt chunk, or in a batch of sequences. The batched and cached-prefix paths rely on it.
 //!
-//! Q4_1 and Q8_0 (the default model's types) have AVX2 kernels, and AVX-512 VNNI kernels
-//! for the CPUs that have it, which take the weights repacked at load time in groups of
-//! sixteen rows ([`GroupQ4_1`], [`GroupQ8_0`]: same size as the file's blocks); F32/F16
+//! Q4_1 and Q8_0 (the default model's types) have kernels for the file's row layout
+//! ([`Isa::Baseline`]), and kernels that take the weights repacked at load time in groups of
+//! rows, same size as the file's blocks: eight rows for AVX2 ([`GroupQ4_1x8`],
+//! [`GroupQ8_0x8`]), sixteen for AVX-512 VNNI ([`GroupQ4_1`], [`GroupQ8_0`]); F32/F16
 //! weights are kept as f32; any other GGML type goes through candle's `QMatMul` (correct,
 //! slower).
 
@@ -1032,7 +1033,7 @@ fn dot_q8_0(w: &[BlockQ8_0], a: &[&[BlockQ8]], res: &mut TaskResults) {
     }
 }
 
-/// The AVX2 kernels: each weight row of the task against `N` activation rows (1 to 4),
+/// The AVX2 kernels of the row layout ([`Isa::Baseline`]): each weight row of the task against `N` activation rows (1 to 4),
 /// one accumulator per pair; a weight block is unpacked once for the `N` rows. Every
 /// (weight row, activation row) pair is summed by the same instructions in the same order
 /// whatever else is in the call, so results do not depend on batching. (Two weight rows at

@@ -859,8 +859,8 @@ mod head {
             let n = out.len() / G;
             let op = out.as_mut_ptr();
             let mut j = 0;
-            // Four keys per round (the `G` heads' lanes of four keys fill twelve registers
-            // at most): their lanes are computed as in the one-key tail and summed by a
+            // Four keys per round (the `G` heads' lanes of four keys: twelve registers for
+            // three heads, where eight keys took 24 and spilled): their lanes are computed as in the one-key tail and summed by a
             // tree of horizontal adds that adds each key's lanes in hsum's order, four keys
             // at once.
             let sv = _mm_set1_ps(scale);
