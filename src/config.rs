@@ -123,8 +123,9 @@ pub struct HttpSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct WorkerSettings {
-    /// Tasks one worker process runs at once (generation itself may be serialised further by
-    /// the provider, e.g. one local generation at a time per loaded model).
+    /// Tasks one worker process runs at once (generation itself may be limited further by
+    /// the provider's `concurrency`: for a local model, the requests decoded together).
+    /// Default 8, the local model's default batch, so that the batch stays full.
     pub concurrency: usize,
     /// How often an idle SQLite worker looks for new tasks.
     pub poll_interval_ms: u64,
@@ -287,7 +288,7 @@ impl Default for HttpSettings {
 impl Default for WorkerSettings {
     fn default() -> Self {
         Self {
-            concurrency: 4,
+            concurrency: 8,
             poll_interval_ms: 100,
             max_attempts: 4,
             backoff_base_ms: 1_000,
@@ -341,7 +342,9 @@ impl Default for Settings {
                 base_url: None,
                 api_key: None,
                 timeout_s: default_timeout_s(),
-                concurrency: 4,
+                // Eight decoded together: 2.2x the products/min of one at a time
+                // with the AVX-512 kernels, against 1.9x for four (README).
+                concurrency: default_provider_concurrency(),
                 max_retries: 0,
                 structured_output: true,
                 sampling: None,
