@@ -2,7 +2,7 @@
 # End-to-end products/minute: the same products and channels through the whole pipeline
 # (prompt -> model -> checks -> repair -> draft), three ways on the same model file and cores:
 #   1. the local provider, one draft at a time (no batching),
-#   2. the local provider, CONCURRENCY drafts at once (decoded together),
+#   2. the local provider, CONCURRENCY (default 8) drafts at once (decoded together),
 #   3. the `openai` provider against llama.cpp's OpenAI-compatible server
 #      (llama-cpp-python[server]), CONCURRENCY requests in flight.
 #
@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${THREADS:-2}"
 LIMIT="${LIMIT:-50}"
-CONCURRENCY="${CONCURRENCY:-4}"
+CONCURRENCY="${CONCURRENCY:-8}"   # the service default batch
 CHANNELS="${CHANNELS:-seo,amazon,social}"
 INPUT="${INPUT:-../shared/data/products/wdc-pave-dev.jsonl}"
 PORT="${PORT:-18765}"
