@@ -711,7 +711,7 @@ impl Generate for Engine {
         }
         // Each sequence chooses from its own logits with its own sampler, RNG and
         // constraint, so choosing in parallel gives the same tokens as one after another;
-        // with a batch it keeps both cores busy instead of one (~150 us per token each).
+        // with a batch it keeps the pool's threads busy instead of one (~150 us per token each).
         let tokenizer = &*self.tokenizer;
         if choosing.len() > 1 {
             choosing
