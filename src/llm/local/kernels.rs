@@ -181,9 +181,9 @@ impl Weights {
                     }
                     let nb = cols / QK;
                     if group == Some(GROUP) {
-                        Data::Q4_1x16(groups(&v, rows, nb, GROUP, GroupQ4_1::pack))
+                        Data::Q4_1x16(groups::<GroupQ4_1>(&v, rows, nb))
                     } else if group == Some(GROUP8) {
-                        Data::Q4_1x8(groups(&v, rows, nb, GROUP8, GroupQ4_1x8::pack))
+                        Data::Q4_1x8(groups::<GroupQ4_1x8>(&v, rows, nb))
                     } else {
                         Data::Q4_1 {
                             blocks: v
@@ -203,9 +203,9 @@ impl Weights {
                     }
                     let nb = cols / QK;
                     if group == Some(GROUP) {
-                        Data::Q8_0x16(groups(&v, rows, nb, GROUP, GroupQ8_0::pack))
+                        Data::Q8_0x16(groups::<GroupQ8_0>(&v, rows, nb))
                     } else if group == Some(GROUP8) {
-                        Data::Q8_0x8(groups(&v, rows, nb, GROUP8, GroupQ8_0x8::pack))
+                        Data::Q8_0x8(groups::<GroupQ8_0x8>(&v, rows, nb))
                     } else {
                         Data::Q8_0(
                             v.iter()
@@ -297,42 +297,10 @@ impl Weights {
                     }
                 }
             }
-            Data::Q4_1x16(v) => {
-                let nb = c / QK;
-                let (g, w) = (r / GROUP, r % GROUP);
-                for (b, o) in v[g * nb..(g + 1) * nb].iter().zip(out.chunks_exact_mut(QK)) {
-                    for (k, o) in o.iter_mut().enumerate() {
-                        *o = f32::from(b.quant(w, k)) * b.d[w] + b.m[w];
-                    }
-                }
-            }
-            Data::Q8_0x16(v) => {
-                let nb = c / QK;
-                let (g, w) = (r / GROUP, r % GROUP);
-                for (b, o) in v[g * nb..(g + 1) * nb].iter().zip(out.chunks_exact_mut(QK)) {
-                    for (k, o) in o.iter_mut().enumerate() {
-                        *o = f32::from(b.quant(w, k)) * b.d[w];
-                    }
-                }
-            }
-            Data::Q4_1x8(v) => {
-                let nb = c / QK;
-                let (g, w) = (r / GROUP8, r % GROUP8);
-                for (b, o) in v[g * nb..(g + 1) * nb].iter().zip(out.chunks_exact_mut(QK)) {
-                    for (k, o) in o.iter_mut().enumerate() {
-                        *o = f32::from(b.quant(w, k)) * b.d[w] + b.m[w];
-                    }
-                }
-            }
-            Data::Q8_0x8(v) => {
-                let nb = c / QK;
-                let (g, w) = (r / GROUP8, r % GROUP8);
-                for (b, o) in v[g * nb..(g + 1) * nb].iter().zip(out.chunks_exact_mut(QK)) {
-                    for (k, o) in o.iter_mut().enumerate() {
-                        *o = f32::from(b.quant(w, k)) * b.d[w];
-                    }
-                }
-            }
+            Data::Q4_1x16(v) => grouped_row(v, r, out),
+            Data::Q8_0x16(v) => grouped_row(v, r, out),
+            Data::Q4_1x8(v) => grouped_row(v, r, out),
+            Data::Q8_0x8(v) => grouped_row(v, r, out),
             Data::F32(v) => out.copy_from_slice(&v[r * c..(r + 1) * c]),
             Data::Candle(_) => return None,
         }
@@ -569,8 +537,10 @@ pub struct GroupQ8_0 {
     d: [f32; GROUP],
 }
 
-impl GroupQ4_1 {
-    /// Block `b` of rows `rows` (sixteen rows of `nb` file blocks each).
+impl Grouped for GroupQ4_1 {
+    type File = FileQ4_1;
+    const ROWS: usize = GROUP;
+
     fn pack(rows: &[FileQ4_1], nb: usize, b: usize) -> Self {
         let mut g = Self {
             qs: [0; 4 * 64],
@@ -588,20 +558,18 @@ impl GroupQ4_1 {
         g
     }
 
-    /// Row `w`'s quant `k`.
-    fn quant(&self, w: usize, k: usize) -> u8 {
+    fn weight(&self, w: usize, k: usize) -> f32 {
         let (i, t, high) = ((k % 16) / 4, k % 4, k >= 16);
         let byte = self.qs[64 * i + 4 * w + t];
-        if high {
-            byte >> 4
-        } else {
-            byte & 0x0F
-        }
+        let q = if high { byte >> 4 } else { byte & 0x0F };
+        f32::from(q) * self.d[w] + self.m[w]
     }
 }
 
-impl GroupQ8_0 {
-    /// Block `b` of rows `rows` (sixteen rows of `nb` file blocks each).
+impl Grouped for GroupQ8_0 {
+    type File = FileQ8_0;
+    const ROWS: usize = GROUP;
+
     fn pack(rows: &[FileQ8_0], nb: usize, b: usize) -> Self {
         let mut g = Self {
             qs: [0; 8 * 64],
@@ -617,9 +585,9 @@ impl GroupQ8_0 {
         g
     }
 
-    /// Row `w`'s quant `k`.
-    fn quant(&self, w: usize, k: usize) -> i8 {
-        (self.qs[64 * (k / 4) + 4 * w + k % 4] ^ 0x80) as i8
+    fn weight(&self, w: usize, k: usize) -> f32 {
+        let q = (self.qs[64 * (k / 4) + 4 * w + k % 4] ^ 0x80) as i8;
+        f32::from(q) * self.d[w]
     }
 }
 
@@ -647,8 +615,10 @@ pub struct GroupQ8_0x8 {
     d: [f32; GROUP8],
 }
 
-impl GroupQ4_1x8 {
-    /// Block `b` of rows `rows` (eight rows of `nb` file blocks each).
+impl Grouped for GroupQ4_1x8 {
+    type File = FileQ4_1;
+    const ROWS: usize = GROUP8;
+
     fn pack(rows: &[FileQ4_1], nb: usize, b: usize) -> Self {
         let mut g = Self {
             qs: [0; 4 * 32],
@@ -666,20 +636,18 @@ impl GroupQ4_1x8 {
         g
     }
 
-    /// Row `w`'s quant `k`.
-    fn quant(&self, w: usize, k: usize) -> u8 {
+    fn weight(&self, w: usize, k: usize) -> f32 {
         let (i, t, high) = ((k % 16) / 4, k % 4, k >= 16);
         let byte = self.qs[32 * i + 4 * w + t];
-        if high {
-            byte >> 4
-        } else {
-            byte & 0x0F
-        }
+        let q = if high { byte >> 4 } else { byte & 0x0F };
+        f32::from(q) * self.d[w] + self.m[w]
     }
 }
 
-impl GroupQ8_0x8 {
-    /// Block `b` of rows `rows` (eight rows of `nb` file blocks each).
+impl Grouped for GroupQ8_0x8 {
+    type File = FileQ8_0;
+    const ROWS: usize = GROUP8;
+
     fn pack(rows: &[FileQ8_0], nb: usize, b: usize) -> Self {
         let mut g = Self {
             qs: [0; 8 * 32],
@@ -695,28 +663,45 @@ impl GroupQ8_0x8 {
         g
     }
 
-    /// Row `w`'s quant `k`.
-    fn quant(&self, w: usize, k: usize) -> i8 {
-        self.qs[32 * (k / 4) + 4 * w + k % 4]
+    fn weight(&self, w: usize, k: usize) -> f32 {
+        f32::from(self.qs[32 * (k / 4) + 4 * w + k % 4]) * self.d[w]
     }
 }
 
-/// Repacks a matrix of `rows` x `nb` file blocks into groups of `size` rows (`rows` a
+/// What the grouped layouts share: rows per group, packing from the file's blocks, and
+/// reading one weight back (embedding lookups).
+trait Grouped: Sized {
+    /// The file's block type.
+    type File;
+    /// Weight rows per group.
+    const ROWS: usize;
+    /// Block `b` of one group's rows (`ROWS` rows of `nb` file blocks each).
+    fn pack(rows: &[Self::File], nb: usize, b: usize) -> Self;
+    /// Row `w`'s weight `k`, dequantised.
+    fn weight(&self, w: usize, k: usize) -> f32;
+}
+
+/// Repacks a matrix of `rows` x `nb` file blocks into groups of `G::ROWS` rows (`rows` a
 /// multiple of it): group `g`'s block `b` is at `g * nb + b`.
-fn groups<F, G>(
-    v: &[F],
-    rows: usize,
-    nb: usize,
-    size: usize,
-    pack: impl Fn(&[F], usize, usize) -> G,
-) -> Vec<G> {
+fn groups<G: Grouped>(v: &[G::File], rows: usize, nb: usize) -> Vec<G> {
     // Sized up front: the largest matrices are tens of MB, and a growing vector would hold
     // twice that at its peak.
-    let mut out = Vec::with_capacity(rows / size * nb);
-    for rows in v.chunks_exact(size * nb).take(rows / size) {
-        out.extend((0..nb).map(|b| pack(rows, nb, b)));
+    let mut out = Vec::with_capacity(rows / G::ROWS * nb);
+    for rows in v.chunks_exact(G::ROWS * nb).take(rows / G::ROWS) {
+        out.extend((0..nb).map(|b| G::pack(rows, nb, b)));
     }
     out
+}
+
+/// Row `r` of grouped weights `v`, dequantised into `out` (one row's length).
+fn grouped_row<G: Grouped>(v: &[G], r: usize, out: &mut [f32]) {
+    let nb = out.len() / QK;
+    let (g, w) = (r / G::ROWS, r % G::ROWS);
+    for (b, o) in v[g * nb..(g + 1) * nb].iter().zip(out.chunks_exact_mut(QK)) {
+        for (k, o) in o.iter_mut().enumerate() {
+            *o = b.weight(w, k);
+        }
+    }
 }
 
 /// Buffers a matmul reuses.
