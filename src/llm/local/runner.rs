@@ -676,6 +676,8 @@ impl Generate for Engine {
                 })
                 .collect();
             let rows: usize = steps.iter().map(|s| s.tokens.len()).sum();
+            // Keys the pass's last rows attend to, in all: what attention costs grows with.
+            let context: usize = steps.iter().map(|s| s.cache.len() + s.tokens.len()).sum();
             let t = Instant::now();
             self.model
                 .forward(&mut steps, &mut self.ws, &mut self.logits)
@@ -685,6 +687,7 @@ impl Generate for Engine {
                 active,
                 seqs = n,
                 decoding,
+                context,
                 us = t.elapsed().as_micros(),
                 "pass"
             );
