@@ -1,13 +1,13 @@
 //! The llama forward pass, over quantised weights, for one or many sequences at once.
 //!
-//! [`Model`] holds the weights (read-only; shared by every sequence). A sequence's state is
-//! its [`KvCache`]: keys and values of every token it has seen, per layer and kv head, in
-//! f16 buffers that grow by appending (no copy of the past per token). [`Model::forward`]
-//! runs a list of [`Step`]s — each a sequence and the tokens to add to it (a prompt chunk,
-//! or one sampled token) — through the layers together: the matmuls see all the steps'
-//! rows at once, so the weights are read once for the whole batch ([`super::kernels`]);
-//! attention is done per sequence against its own cache. It returns the logits of each
-//! step's last token.
+//! [`Model`] holds the weights (read-only; shared by every sequence). A sequence's
+//! state is its [`KvCache`]: keys and values of every token it has seen, per layer and
+//! kv head, in 8-bit buffers (a scale per 32 values) that grow by appending (no copy of
+//! the past per token). [`Model::forward`] runs a list of [`Step`]s — each a sequence
+//! and the tokens to add to it (a prompt chunk, or one sampled token) — through the
+//! layers together: the matmuls see all the steps' rows at once, so the weights are
+//! read once for the whole batch ([`super::kernels`]); attention is done per sequence
+//! against its own cache. It returns the logits of each step's last token.
 //!
 //! Exactness: every row's numbers depend only on that row and its own sequence's cache
 //! (the kernels compute each output element the same way whatever else is in the batch,
@@ -15,7 +15,6 @@
 //! alone, in a batch, prefilled in one chunk or many, or restored from a prefix snapshot.
 
 use candle_core::{quantized::gguf_file, Device};
-use half::f16;
 use rayon::prelude::*;
 
 use super::kernels::{self, dot_f32_1, KernelError, Scratch, Weights};
@@ -89,14 +88,67 @@ impl std::fmt::Debug for Model {
 }
 
 /// Keys and values of one sequence, per layer and kv head (index `layer * n_kv_head +
-/// head`): `len` rows of `head_dim` values each, in f16 (as llama.cpp keeps them). Decoding
-/// reads the whole cache once per token, so its size is bandwidth: f16 halves it, and a
-/// head's rows side by side are read as one stream.
+/// head`): `len` rows of `head_dim` values each, as 8-bit quants with one f32 scale per
+/// [`KV_BLOCK`] values ([`Stream`]). Decoding reads the whole cache once per token, so its
+/// size is bandwidth: 8-bit rows are a little over half of f16 ones (72 against 128 bytes
+/// for 64 values), and a head's rows side by side are read as one stream.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
-    k: Vec<Vec<f16>>,
-    v: Vec<Vec<f16>>,
+    k: Vec<Stream>,
+    v: Vec<Stream>,
     len: usize,
+}
+
+/// Values per scale in the KV cache (as llama.cpp's `q8_0` cache type); a row whose width
+/// is not a multiple of it has one scale.
+const KV_BLOCK: usize = 32;
+
+/// Values per scale in rows of `width`.
+fn kv_block(width: usize) -> usize {
+    if width.is_multiple_of(KV_BLOCK) {
+        KV_BLOCK
+    } else {
+        width
+    }
+}
+
+/// One layer's keys (or values) of one kv head: each block of a row as `q * d`, `q` in
+/// -127..=127 and `d` the block's largest magnitude / 127. A row is quantised once, when it
+/// is appended, by the same code whatever the pass, so every path that computes a row
+/// stores the same bytes.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Stream {
+    /// `width` quants per row.
+    q: Vec<i8>,
+    /// One scale per block: `width / kv_block(width)` per row.
+    d: Vec<f32>,
+}
+
+impl Stream {
+    /// Appends one row.
+    fn push(&mut self, x: &[f32]) {
+        for x in x.chunks(kv_block(x.len())) {
+            let amax = x.iter().fold(0f32, |m, &v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            // Ties to even: one vector instruction (`round` is a libm call per value).
+            self.q.extend(
+                x.iter()
+                    .map(|&v| (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8),
+            );
+            self.d.push(d);
+        }
+    }
+
+    /// Keeps the first `rows` rows (`width` values each).
+    fn truncate(&mut self, rows: usize, width: usize) {
+        self.q.truncate(rows * width);
+        self.d.truncate(rows * width / kv_block(width));
+    }
+
+    fn bytes(&self) -> usize {
+        self.q.len() + self.d.len() * std::mem::size_of::<f32>()
+    }
 }
 
 impl KvCache {
@@ -111,48 +163,55 @@ impl KvCache {
 
     pub fn clear(&mut self) {
         for l in self.k.iter_mut().chain(self.v.iter_mut()) {
-            l.clear();
+            l.truncate(0, 0);
         }
         self.len = 0;
     }
 
     /// A copy of the first `n` tokens (all of them when fewer are held).
     pub fn prefix(&self, n: usize) -> KvCache {
-        let keep = self.width() * n.min(self.len);
-        let cut = |l: &Vec<f16>| l[..keep].to_vec();
+        let (rows, width) = (n.min(self.len), self.width());
+        let cut = |l: &Stream| Stream {
+            q: l.q[..rows * width].to_vec(),
+            d: l.d[..rows * width / kv_block(width)].to_vec(),
+        };
         KvCache {
             k: self.k.iter().map(cut).collect(),
             v: self.v.iter().map(cut).collect(),
-            len: n.min(self.len),
+            len: rows,
         }
     }
 
     /// Makes room for `total` tokens in all (`head_dim` values per token and stream), so the
     /// cache grows without reallocating (and without the slack of doubling).
     pub fn reserve(&mut self, total: usize, head_dim: usize) {
-        let want = total * head_dim;
         for l in self.k.iter_mut().chain(self.v.iter_mut()) {
-            l.reserve_exact(want.saturating_sub(l.len()));
+            l.q.reserve_exact((total * head_dim).saturating_sub(l.q.len()));
+            l.d.reserve_exact((total * head_dim / kv_block(head_dim)).saturating_sub(l.d.len()));
         }
     }
 
     /// Forgets every token after the first `n`, and the memory they held.
     pub fn truncate(&mut self, n: usize) {
-        let keep = self.width() * n.min(self.len);
+        let (rows, width) = (n.min(self.len), self.width());
         for l in self.k.iter_mut().chain(self.v.iter_mut()) {
-            l.truncate(keep);
-            l.shrink_to_fit();
+            l.truncate(rows, width);
+            l.q.shrink_to_fit();
+            l.d.shrink_to_fit();
         }
-        self.len = n.min(self.len);
+        self.len = rows;
     }
 
-    /// A cache of `len` tokens in `streams` streams of `width` values per token, each value
-    /// its token's index (for tests of what uses caches).
+    /// A cache of `len` tokens in `streams` streams of `width` values per token, each
+    /// token's quants its index (mod 128) and its scales 1 (for tests of what uses caches).
     #[cfg(test)]
     pub(in crate::llm::local) fn numbered(streams: usize, width: usize, len: usize) -> KvCache {
-        let stream: Vec<f16> = (0..len * width)
-            .map(|i| f16::from_f32((i / width) as f32))
-            .collect();
+        let stream = Stream {
+            q: (0..len * width)
+                .map(|i| ((i / width) % 128) as i8)
+                .collect(),
+            d: vec![1.0; len * width / kv_block(width)],
+        };
         KvCache {
             k: vec![stream.clone(); streams],
             v: vec![stream; streams],
@@ -163,23 +222,19 @@ impl KvCache {
     /// Values per token in each stream (the head dimension; 0 while empty).
     fn width(&self) -> usize {
         match self.k.first() {
-            Some(l) if self.len > 0 => l.len() / self.len,
+            Some(l) if self.len > 0 => l.q.len() / self.len,
             _ => 0,
         }
     }
 
     /// Bytes of keys and values held.
     pub fn size_in_bytes(&self) -> usize {
-        self.k
-            .iter()
-            .chain(&self.v)
-            .map(|l| l.len() * std::mem::size_of::<f16>())
-            .sum()
+        self.k.iter().chain(&self.v).map(Stream::bytes).sum()
     }
 }
 
 /// One layer of a sequence's cache: its keys and values, per kv head.
-type LayerCache<'a> = (&'a [Vec<f16>], &'a [Vec<f16>]);
+type LayerCache<'a> = (&'a [Stream], &'a [Stream]);
 
 /// One sequence's part of a forward pass.
 pub struct Step<'a> {
@@ -388,8 +443,8 @@ impl Model {
     pub fn new_cache(&self) -> KvCache {
         let n = self.cfg.n_layer * self.cfg.n_kv_head;
         KvCache {
-            k: vec![Vec::new(); n],
-            v: vec![Vec::new(); n],
+            k: vec![Stream::default(); n],
+            v: vec![Stream::default(); n],
             len: 0,
         }
     }
@@ -467,7 +522,7 @@ impl Model {
             // Leave every cache as it was.
             for (st, &start) in steps.iter_mut().zip(&starts) {
                 for l in st.cache.k.iter_mut().chain(st.cache.v.iter_mut()) {
-                    l.truncate(start * c.head_dim);
+                    l.truncate(start, c.head_dim);
                 }
             }
             return Err(e);
@@ -529,8 +584,8 @@ impl Model {
                     for g in 0..nkv {
                         let at = t * kvd + g * hd;
                         let i = li * nkv + g;
-                        st.cache.k[i].extend(k[at..at + hd].iter().map(|&x| f16::from_f32(x)));
-                        st.cache.v[i].extend(v[at..at + hd].iter().map(|&x| f16::from_f32(x)));
+                        st.cache.k[i].push(&k[at..at + hd]);
+                        st.cache.v[i].push(&v[at..at + hd]);
                     }
                 }
                 r += st.tokens.len();
@@ -579,7 +634,7 @@ impl Model {
     ///
     /// Work is split by (sequence, kv head, block of rows), so even one decoding row
     /// keeps every core busy; a work item computes the query heads that share its kv
-    /// head together, so each key and value is loaded and widened from f16 once for all
+    /// head together, so each key and value is loaded and widened from 8 bits once for all
     /// of them. Each query's scores, softmax and weighted sum are computed by the same
     /// instructions whatever else is in its block or pass ([`head`]), so results do not
     /// depend on batching or chunking.
@@ -622,10 +677,11 @@ impl Model {
                 // The query heads of kv head `g` are contiguous in the row.
                 let qg = &q[i * dim + g * gw..i * dim + (g + 1) * gw];
                 let sc = &mut scores[..group * n];
-                head::scores(qg, group, &kh[..n * hd], scale, sc);
+                let nd = n * hd / kv_block(hd);
+                head::scores(qg, group, &kh.q[..n * hd], &kh.d[..nd], scale, sc);
                 sums.clear();
                 sums.extend(sc.chunks_exact_mut(n).map(head::softmax));
-                head::weighted_sum(sc, group, &vh[..n * hd], o);
+                head::weighted_sum(sc, group, &vh.q[..n * hd], &vh.d[..nd], o);
                 for (o, &sum) in o.chunks_exact_mut(hd).zip(&sums) {
                     let inv = 1.0 / sum;
                     for x in o.iter_mut() {
@@ -649,37 +705,46 @@ impl Model {
     }
 }
 
-/// Query heads against their kv head's f16 keys and values. Every key's score and every
-/// value's weight go through the same instructions whatever the number of keys or of heads
-/// computed together, so a query's result depends only on the query and the cache.
+/// Query heads against their kv head's 8-bit keys and values ([`Stream`]: quants `k`, `v`
+/// and one scale per row, `kd`, `vd`). Every key's score and every value's weight go
+/// through the same instructions whatever the number of keys or of heads computed
+/// together, so a query's result depends only on the query and the cache.
 mod head {
-    use half::f16;
+    use super::kv_block;
 
     /// For each of the `heads` queries in `q` (rows of `d = q.len() / heads`) and each of
-    /// the `n = out.len() / heads` rows of `k`: `out[h * n + j] = dot(q_h, k_j) * scale`.
-    pub fn scores(q: &[f32], heads: usize, k: &[f16], scale: f32, out: &mut [f32]) {
+    /// the `n = out.len() / heads` rows of `k` (block scales `kd`, `d / kv_block(d)` per
+    /// row): `out[h * n + j] = dot(q_h, k_j) * scale`. Each block's eight lanes are scaled
+    /// and added up lane by lane, then the lanes are summed.
+    pub fn scores(q: &[f32], heads: usize, k: &[i8], kd: &[f32], scale: f32, out: &mut [f32]) {
         let (d, n) = (q.len() / heads, out.len() / heads);
-        assert!(q.len() == heads * d && out.len() == heads * n && k.len() == n * d);
+        let blk = kv_block(d);
+        assert!(
+            q.len() == heads * d
+                && out.len() == heads * n
+                && k.len() == n * d
+                && kd.len() == n * d / blk
+        );
         #[cfg(all(
             target_arch = "x86_64",
             target_feature = "avx2",
-            target_feature = "fma",
-            target_feature = "f16c"
+            target_feature = "fma"
         ))]
         if d == 64 {
             // SAFETY: the CPU features are enabled at compile time (cfg); the lengths are
             // asserted above.
             unsafe {
                 match heads {
-                    1 => return avx2::scores64::<1>(q, k, scale, out),
-                    2 => return avx2::scores64::<2>(q, k, scale, out),
-                    3 => return avx2::scores64::<3>(q, k, scale, out),
-                    4 => return avx2::scores64::<4>(q, k, scale, out),
+                    1 => return avx2::scores64::<1>(q, k, kd, scale, out),
+                    2 => return avx2::scores64::<2>(q, k, kd, scale, out),
+                    3 => return avx2::scores64::<3>(q, k, kd, scale, out),
+                    4 => return avx2::scores64::<4>(q, k, kd, scale, out),
                     _ => {
                         for h in 0..heads {
                             avx2::scores64::<1>(
                                 &q[h * 64..(h + 1) * 64],
                                 k,
+                                kd,
                                 scale,
                                 &mut out[h * n..(h + 1) * n],
                             );
@@ -690,11 +755,18 @@ mod head {
             }
         }
         for (qh, out) in q.chunks_exact(d).zip(out.chunks_exact_mut(n)) {
-            for (o, kj) in out.iter_mut().zip(k.chunks_exact(d)) {
+            let keys = k.chunks_exact(d).zip(kd.chunks_exact(d / blk));
+            for (o, (kj, dj)) in out.iter_mut().zip(keys) {
                 let mut acc = [0f32; 8];
-                for (qc, kc) in qh.chunks(8).zip(kj.chunks(8)) {
-                    for (l, (&a, &b)) in qc.iter().zip(kc).enumerate() {
-                        acc[l] = a.mul_add(b.to_f32(), acc[l]);
+                for ((qb, kb), &s) in qh.chunks(blk).zip(kj.chunks(blk)).zip(dj) {
+                    let mut part = [0f32; 8];
+                    for (qc, kc) in qb.chunks(8).zip(kb.chunks(8)) {
+                        for (l, (&a, &b)) in qc.iter().zip(kc).enumerate() {
+                            part[l] = a.mul_add(f32::from(b), part[l]);
+                        }
+                    }
+                    for (a, p) in acc.iter_mut().zip(part) {
+                        *a = p.mul_add(s, *a);
                     }
                 }
                 *o = ((acc[0] + acc[1])
@@ -755,29 +827,37 @@ mod head {
     }
 
     /// For each of the `heads` weight rows in `w` (of `n` weights each): `out_h = sum_j
-    /// w_h[j] * v_j` over the `n` rows of `v` (rows of `d = out.len() / heads`).
-    pub fn weighted_sum(w: &[f32], heads: usize, v: &[f16], out: &mut [f32]) {
+    /// w_h[j] * v_j` over the `n` rows of `v` (rows of `d = out.len() / heads`, block scales
+    /// `vd` as in [`scores`]); each block's values are multiplied by `w_h[j]` times the
+    /// block's scale.
+    pub fn weighted_sum(w: &[f32], heads: usize, v: &[i8], vd: &[f32], out: &mut [f32]) {
         let (d, n) = (out.len() / heads, w.len() / heads);
-        assert!(out.len() == heads * d && w.len() == heads * n && v.len() == n * d);
+        let blk = kv_block(d);
+        assert!(
+            out.len() == heads * d
+                && w.len() == heads * n
+                && v.len() == n * d
+                && vd.len() == n * d / blk
+        );
         #[cfg(all(
             target_arch = "x86_64",
             target_feature = "avx2",
-            target_feature = "fma",
-            target_feature = "f16c"
+            target_feature = "fma"
         ))]
         if d == 64 {
             // SAFETY: as for `scores`.
             unsafe {
                 match heads {
-                    1 => return avx2::weighted_sum64::<1, 4>(w, v, out),
-                    2 => return avx2::weighted_sum64::<2, 4>(w, v, out),
-                    3 => return avx2::weighted_sum64::<3, 2>(w, v, out),
-                    4 => return avx2::weighted_sum64::<4, 2>(w, v, out),
+                    1 => return avx2::weighted_sum64::<1, 4>(w, v, vd, out),
+                    2 => return avx2::weighted_sum64::<2, 4>(w, v, vd, out),
+                    3 => return avx2::weighted_sum64::<3, 2>(w, v, vd, out),
+                    4 => return avx2::weighted_sum64::<4, 2>(w, v, vd, out),
                     _ => {
                         for h in 0..heads {
                             avx2::weighted_sum64::<1, 4>(
                                 &w[h * n..(h + 1) * n],
                                 v,
+                                vd,
                                 &mut out[h * 64..(h + 1) * 64],
                             );
                         }
@@ -788,9 +868,13 @@ mod head {
         }
         for (wh, out) in w.chunks_exact(n).zip(out.chunks_exact_mut(d)) {
             out.fill(0.0);
-            for (&wj, vj) in wh.iter().zip(v.chunks_exact(d)) {
-                for (o, &x) in out.iter_mut().zip(vj) {
-                    *o = wj.mul_add(x.to_f32(), *o);
+            let rows = v.chunks_exact(d).zip(vd.chunks_exact(d / blk));
+            for (&wj, (vj, dj)) in wh.iter().zip(rows) {
+                for ((ob, vb), &s) in out.chunks_mut(blk).zip(vj.chunks(blk)).zip(dj) {
+                    let s = wj * s;
+                    for (o, &x) in ob.iter_mut().zip(vb) {
+                        *o = s.mul_add(f32::from(x), *o);
+                    }
                 }
             }
         }
@@ -799,16 +883,18 @@ mod head {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
+        target_feature = "fma"
     ))]
     mod avx2 {
-        use half::f16;
         use std::arch::x86_64::*;
 
+        // Rows of 64 are two blocks of 32.
+        const _: () = assert!(super::super::KV_BLOCK == 32);
+
+        /// Eight quants, widened to f32.
         #[inline(always)]
-        unsafe fn load8(p: *const f16) -> __m256 {
-            _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+        unsafe fn load8(p: *const i8) -> __m256 {
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast())))
         }
 
         /// The sum of the eight lanes as ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)).
@@ -835,14 +921,15 @@ mod head {
             _mm_add_ps(_mm256_castps256_ps128(g), _mm256_extractf128_ps(g, 1))
         }
 
-        /// One key against `G` queries: for each, eight lanes accumulated over the eight
-        /// 8-wide chunks, in order. The key's chunks are widened once for all queries.
+        /// One block of 32 quants against `G` queries (32 values into each query's row):
+        /// for each, eight lanes accumulated over the four 8-wide chunks, in order. The
+        /// key's chunks are widened once for all queries.
         #[inline(always)]
-        unsafe fn dot64<const G: usize>(q: *const f32, k: *const f16) -> [__m256; G] {
+        unsafe fn dot32<const G: usize>(q: *const f32, k: *const i8) -> [__m256; G] {
             let k0 = load8(k);
             let mut acc: [__m256; G] =
                 std::array::from_fn(|h| _mm256_mul_ps(_mm256_loadu_ps(q.add(h * 64)), k0));
-            for c in 1..8 {
+            for c in 1..4 {
                 let kc = load8(k.add(c * 8));
                 for (h, a) in acc.iter_mut().enumerate() {
                     *a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(h * 64 + c * 8)), kc, *a);
@@ -851,11 +938,37 @@ mod head {
             acc
         }
 
-        /// Safety: AVX2, FMA, F16C; `q` holds `G` rows of 64, `k` `n` rows of 64 and `out`
-        /// `G * n` values.
+        /// One key (two blocks, scales `kd[0..2]`) against `G` queries: each block's lanes
+        /// ([`dot32`]) times its scale, added lane by lane (the first block's product, then
+        /// a fused multiply-add), as the generic loop does.
+        #[inline(always)]
+        unsafe fn dot64<const G: usize>(
+            q: *const f32,
+            k: *const i8,
+            kd: *const f32,
+        ) -> [__m256; G] {
+            let a = dot32::<G>(q, k);
+            let d0 = _mm256_set1_ps(*kd);
+            let mut acc: [__m256; G] = std::array::from_fn(|h| _mm256_mul_ps(a[h], d0));
+            let b = dot32::<G>(q.add(32), k.add(32));
+            let d1 = _mm256_set1_ps(*kd.add(1));
+            for (acc, b) in acc.iter_mut().zip(b) {
+                *acc = _mm256_fmadd_ps(b, d1, *acc);
+            }
+            acc
+        }
+
+        /// Safety: AVX2, FMA; `q` holds `G` rows of 64, `k` `n` rows of 64, `kd` `2 n`
+        /// scales and `out` `G * n` values.
         #[allow(clippy::needless_range_loop)] // indices into two arrays at once
-        pub unsafe fn scores64<const G: usize>(q: &[f32], k: &[f16], scale: f32, out: &mut [f32]) {
-            let (qp, kp) = (q.as_ptr(), k.as_ptr());
+        pub unsafe fn scores64<const G: usize>(
+            q: &[f32],
+            k: &[i8],
+            kd: &[f32],
+            scale: f32,
+            out: &mut [f32],
+        ) {
+            let (qp, kp, kdp) = (q.as_ptr(), k.as_ptr(), kd.as_ptr());
             let n = out.len() / G;
             let op = out.as_mut_ptr();
             let mut j = 0;
@@ -867,7 +980,7 @@ mod head {
             while j + 4 <= n {
                 let mut a = [[_mm256_setzero_ps(); 4]; G];
                 for i in 0..4 {
-                    let d = dot64::<G>(qp, kp.add((j + i) * 64));
+                    let d = dot64::<G>(qp, kp.add((j + i) * 64), kdp.add((j + i) * 2));
                     for h in 0..G {
                         a[h][i] = d[h];
                     }
@@ -878,7 +991,7 @@ mod head {
                 j += 4;
             }
             while j < n {
-                let d = dot64::<G>(qp, kp.add(j * 64));
+                let d = dot64::<G>(qp, kp.add(j * 64), kdp.add(j * 2));
                 for (h, d) in d.iter().enumerate() {
                     *op.add(h * n + j) = hsum(*d) * scale;
                 }
@@ -886,8 +999,8 @@ mod head {
             }
         }
 
-        /// Safety: AVX2, FMA, F16C; `w` holds `G` rows of `n` weights, `v` `n` rows of 64
-        /// and `out` `G` rows of 64; `C` divides 8.
+        /// Safety: AVX2, FMA; `w` holds `G` rows of `n` weights, `v` `n` rows of 64, `vd`
+        /// `2 n` scales and `out` `G` rows of 64; `C` is 2 or 4 (a part lies in one block).
         ///
         /// Each output lane accumulates its weighted values in key order; the 64 lanes go in
         /// parts of `C` chunks of eight so that the `G` heads' accumulators (`G * C`) fit in
@@ -895,17 +1008,20 @@ mod head {
         #[allow(clippy::needless_range_loop)] // indices into two arrays at once
         pub unsafe fn weighted_sum64<const G: usize, const C: usize>(
             w: &[f32],
-            v: &[f16],
+            v: &[i8],
+            vd: &[f32],
             out: &mut [f32],
         ) {
             let n = w.len() / G;
-            let (wp, vp) = (w.as_ptr(), v.as_ptr());
+            let (wp, vp, vdp) = (w.as_ptr(), v.as_ptr(), vd.as_ptr());
             for part in 0..8 / C {
                 let mut acc = [[_mm256_setzero_ps(); C]; G];
                 for j in 0..n {
                     let row = vp.add(j * 64 + part * C * 8);
+                    // The scale of the block this part lies in.
+                    let s = *vdp.add(j * 2 + part * C * 8 / 32);
                     let wv: [__m256; G] =
-                        std::array::from_fn(|h| _mm256_set1_ps(*wp.add(h * n + j)));
+                        std::array::from_fn(|h| _mm256_set1_ps(*wp.add(h * n + j) * s));
                     for c in 0..C {
                         let vc = load8(row.add(c * 8));
                         for h in 0..G {
@@ -1029,18 +1145,18 @@ fn add(x: &mut [f32], y: &[f32]) {
 
 #[cfg(test)]
 mod tests {
-    use super::{head, KvCache};
+    use super::{head, KvCache, Stream};
     use crate::llm::local::kernels::tests::data as values;
-    use half::f16;
 
     #[test]
     fn a_cache_prefix_and_a_truncated_cache_hold_the_first_tokens() {
         let c = KvCache::numbered(3, 4, 10);
         let p = c.prefix(6);
         assert_eq!(p.len(), 6);
-        assert_eq!(p.size_in_bytes(), 2 * 3 * 4 * 6 * 2);
-        assert_eq!(p.k[2][..], c.k[2][..24]);
-        assert_eq!(p.v[0].last().map(|x| x.to_f32()), Some(5.0));
+        // Per token and stream: 4 quants and one f32 scale.
+        assert_eq!(p.size_in_bytes(), 2 * 3 * (4 + 4) * 6);
+        assert_eq!(p.k[2].q[..], c.k[2].q[..24]);
+        assert_eq!((p.k[2].d.len(), p.v[0].q.last()), (6, Some(&5)));
         assert_eq!(c.prefix(99).len(), 10);
         let mut t = c.clone();
         t.truncate(6);
@@ -1050,49 +1166,99 @@ mod tests {
         assert_eq!(t.prefix(3).len(), 0);
     }
 
+    /// `n` rows of `d` values, stored as the cache stores them.
+    fn stream(n: usize, d: usize, seed: u32) -> Stream {
+        let mut s = Stream::default();
+        for row in values(n * d, seed).chunks_exact(d) {
+            s.push(row);
+        }
+        s
+    }
+
+    #[test]
+    fn cache_rows_are_quantised_to_within_half_a_step_of_their_values() {
+        // The second block ten times the first: each has its own scale.
+        let x: Vec<f32> = values(64, 9)
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| if i < 32 { v } else { v * 10.0 })
+            .collect();
+        let mut s = Stream::default();
+        s.push(&x);
+        s.push(&[0.0; 64]);
+        assert_eq!((s.q.len(), s.d.len()), (128, 4));
+        for (b, (x, q)) in x.chunks(32).zip(s.q.chunks(32)).enumerate() {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = s.d[b];
+            assert_eq!(d, amax / 127.0, "block {b}");
+            assert!(q.iter().any(|q| q.abs() == 127), "block {b}");
+            for (&q, &v) in q.iter().zip(x) {
+                let err = (f32::from(q) * d - v).abs();
+                assert!(err <= d * 0.5 + 1e-6, "{v} stored as {q} * {d}");
+            }
+        }
+        // An all-zero row: scales 0, quants 0 (no division by zero).
+        assert_eq!((&s.d[2..], &s.q[64..]), (&[0.0; 2][..], &[0i8; 64][..]));
+        s.truncate(1, 64);
+        assert_eq!((s.q.len(), s.d.len(), s.bytes()), (64, 2, 72));
+        // A row that is not a multiple of the block has one scale.
+        let mut odd = Stream::default();
+        odd.push(&x[..24]);
+        assert_eq!((odd.q.len(), odd.d.len()), (24, 1));
+    }
+
     #[test]
     fn head_scores_and_weighted_sum_match_a_plain_loop_and_do_not_depend_on_length() {
         for d in [64, 24] {
             let n = 37;
             let q = values(d, 1);
-            let k: Vec<f16> = values(n * d, 2).into_iter().map(f16::from_f32).collect();
-            let v: Vec<f16> = values(n * d, 3).into_iter().map(f16::from_f32).collect();
+            let (k, v) = (stream(n, d, 2), stream(n, d, 3));
+            let (kq, kd) = (&k.q[..], &k.d[..]);
+            let per = d / super::kv_block(d); // scales per row
+            let blk = d / per;
+            let key =
+                |j: usize, c: usize| f64::from(kq[j * d + c]) * f64::from(kd[j * per + c / blk]);
+            let value =
+                |j: usize, c: usize| f64::from(v.q[j * d + c]) * f64::from(v.d[j * per + c / blk]);
             let mut s = vec![0f32; n];
-            head::scores(&q, 1, &k, 0.125, &mut s);
+            head::scores(&q, 1, kq, kd, 0.125, &mut s);
             for j in 0..n {
-                let want: f64 = (0..d)
-                    .map(|c| f64::from(q[c]) * f64::from(k[j * d + c].to_f32()))
-                    .sum::<f64>()
-                    * 0.125;
+                let want: f64 = (0..d).map(|c| f64::from(q[c]) * key(j, c)).sum::<f64>() * 0.125;
                 assert!((f64::from(s[j]) - want).abs() < 1e-4, "d {d} key {j}");
                 // The same key scored alone (or as part of a shorter cache) gives the same bits.
                 let mut one = [0f32; 1];
-                head::scores(&q, 1, &k[j * d..(j + 1) * d], 0.125, &mut one);
+                let kdj = &kd[j * per..(j + 1) * per];
+                head::scores(&q, 1, &kq[j * d..(j + 1) * d], kdj, 0.125, &mut one);
                 assert_eq!(one[0].to_bits(), s[j].to_bits(), "d {d} key {j} alone");
                 let mut prefix = vec![0f32; j + 1];
-                head::scores(&q, 1, &k[..(j + 1) * d], 0.125, &mut prefix);
+                head::scores(
+                    &q,
+                    1,
+                    &kq[..(j + 1) * d],
+                    &kd[..(j + 1) * per],
+                    0.125,
+                    &mut prefix,
+                );
                 assert_eq!(prefix[j].to_bits(), s[j].to_bits(), "d {d} prefix {j}");
             }
             let w = values(n, 4);
             let mut out = vec![0f32; d];
-            head::weighted_sum(&w, 1, &v, &mut out);
-            for c in 0..d {
-                let want: f64 = (0..n)
-                    .map(|j| f64::from(w[j]) * f64::from(v[j * d + c].to_f32()))
-                    .sum();
-                assert!((f64::from(out[c]) - want).abs() < 1e-4, "d {d} lane {c}");
+            head::weighted_sum(&w, 1, &v.q, &v.d, &mut out);
+            for (c, &got) in out.iter().enumerate() {
+                let want: f64 = (0..n).map(|j| f64::from(w[j]) * value(j, c)).sum();
+                assert!((f64::from(got) - want).abs() < 1e-4, "d {d} lane {c}");
             }
             // Heads computed together (queries sharing a kv head) give each head's bits alone.
             for heads in 2..=5 {
                 let qs = values(heads * d, 5);
                 let ws = values(heads * n, 6);
                 let mut s = vec![0f32; heads * n];
-                head::scores(&qs, heads, &k, 0.125, &mut s);
+                head::scores(&qs, heads, kq, kd, 0.125, &mut s);
                 let mut out = vec![0f32; heads * d];
-                head::weighted_sum(&ws, heads, &v, &mut out);
+                head::weighted_sum(&ws, heads, &v.q, &v.d, &mut out);
                 for h in 0..heads {
                     let mut one = vec![0f32; n];
-                    head::scores(&qs[h * d..(h + 1) * d], 1, &k, 0.125, &mut one);
+                    head::scores(&qs[h * d..(h + 1) * d], 1, kq, kd, 0.125, &mut one);
                     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                     assert_eq!(
                         bits(&s[h * n..(h + 1) * n]),
@@ -1100,7 +1266,7 @@ mod tests {
                         "d {d} {heads} heads: scores of {h}"
                     );
                     let mut alone = vec![0f32; d];
-                    head::weighted_sum(&ws[h * n..(h + 1) * n], 1, &v, &mut alone);
+                    head::weighted_sum(&ws[h * n..(h + 1) * n], 1, &v.q, &v.d, &mut alone);
                     assert_eq!(
                         bits(&out[h * d..(h + 1) * d]),
                         bits(&alone),

@@ -5,7 +5,7 @@
 //! (or a regeneration with reviewer feedback) asks again with the very same prompt up to
 //! the end of the product data, with the findings to fix after it. Prefilling those shared
 //! tokens again is most of the prompt work, so [`PrefixCache`] keeps two kinds of K/V
-//! (about 23 KiB per token in f16 for SmolLM2-135M):
+//! (about 13 KiB per token, 8-bit, for SmolLM2-135M):
 //!
 //! - **snapshots** of a sequence's cache right after a prefix that several prompts shared
 //!   (a channel's instructions). A prefix is learnt, not declared: when a prompt shares at
@@ -269,7 +269,7 @@ mod tests {
         let plan = c.plan(&repair, 1);
         let cache = plan.cache.expect("starts from the remembered prompt");
         assert_eq!(cache.len(), 90);
-        assert_eq!(cache.size_in_bytes(), 2 * 2 * 4 * 90 * 2);
+        assert_eq!(cache.size_in_bytes(), 2 * 2 * (4 + 4) * 90); // 4 quants + a scale
         assert_eq!(plan.learn, None, "the shared part came from the cache");
         // the very same prompt again still prefills its last token
         assert_eq!(c.plan(&first, 1).cached(), 99);
@@ -289,7 +289,7 @@ mod tests {
         let mut c = PrefixCache::new(true);
         // 256 KiB per token: a few hundred tokens fill the budget
         let per_token = 256 << 10;
-        let width = per_token / (2 * 2 * 64);
+        let width = per_token / (2 * 64) - 4; // quants + a 4-byte scale per stream
         let n = REMEMBERED_BYTES / per_token / 2 + 1; // more than half the budget each
         for p in 0..3u32 {
             let ids: Vec<u32> = (0..n as u32).map(|i| p * 10_000 + i).collect();
