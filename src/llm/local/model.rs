@@ -706,7 +706,7 @@ impl Model {
 }
 
 /// Query heads against their kv head's 8-bit keys and values ([`Stream`]: quants `k`, `v`
-/// and one scale per row, `kd`, `vd`). Every key's score and every value's weight go
+/// and their block scales `kd`, `vd`). Every key's score and every value's weight go
 /// through the same instructions whatever the number of keys or of heads computed
 /// together, so a query's result depends only on the query and the cache.
 mod head {
