@@ -112,6 +112,16 @@ fn kv_block(width: usize) -> usize {
     }
 }
 
+/// Scales of `rows` rows of `width` values.
+fn kv_scales(rows: usize, width: usize) -> usize {
+    rows * width / kv_block(width)
+}
+
+/// Whether `q` and `d` are `rows` rows of `width` quants and their scales.
+fn kv_rows(q: &[i8], d: &[f32], rows: usize, width: usize) -> bool {
+    q.len() == rows * width && d.len() == kv_scales(rows, width)
+}
+
 /// One layer's keys (or values) of one kv head: each block of a row as `q * d`, `q` in
 /// -127..=127 and `d` the block's largest magnitude / 127. A row is quantised once, when it
 /// is appended, by the same code whatever the pass, so every path that computes a row
@@ -120,7 +130,7 @@ fn kv_block(width: usize) -> usize {
 struct Stream {
     /// `width` quants per row.
     q: Vec<i8>,
-    /// One scale per block: `width / kv_block(width)` per row.
+    /// One scale per block: [`kv_scales`] of the rows.
     d: Vec<f32>,
 }
 
@@ -143,7 +153,7 @@ impl Stream {
     /// Keeps the first `rows` rows (`width` values each).
     fn truncate(&mut self, rows: usize, width: usize) {
         self.q.truncate(rows * width);
-        self.d.truncate(rows * width / kv_block(width));
+        self.d.truncate(kv_scales(rows, width));
     }
 
     fn bytes(&self) -> usize {
@@ -173,7 +183,7 @@ impl KvCache {
         let (rows, width) = (n.min(self.len), self.width());
         let cut = |l: &Stream| Stream {
             q: l.q[..rows * width].to_vec(),
-            d: l.d[..rows * width / kv_block(width)].to_vec(),
+            d: l.d[..kv_scales(rows, width)].to_vec(),
         };
         KvCache {
             k: self.k.iter().map(cut).collect(),
@@ -187,7 +197,7 @@ impl KvCache {
     pub fn reserve(&mut self, total: usize, head_dim: usize) {
         for l in self.k.iter_mut().chain(self.v.iter_mut()) {
             l.q.reserve_exact((total * head_dim).saturating_sub(l.q.len()));
-            l.d.reserve_exact((total * head_dim / kv_block(head_dim)).saturating_sub(l.d.len()));
+            l.d.reserve_exact(kv_scales(total, head_dim).saturating_sub(l.d.len()));
         }
     }
 
@@ -210,7 +220,7 @@ impl KvCache {
             q: (0..len * width)
                 .map(|i| ((i / width) % 128) as i8)
                 .collect(),
-            d: vec![1.0; len * width / kv_block(width)],
+            d: vec![1.0; kv_scales(len, width)],
         };
         KvCache {
             k: vec![stream.clone(); streams],
@@ -677,7 +687,7 @@ impl Model {
                 // The query heads of kv head `g` are contiguous in the row.
                 let qg = &q[i * dim + g * gw..i * dim + (g + 1) * gw];
                 let sc = &mut scores[..group * n];
-                let nd = n * hd / kv_block(hd);
+                let nd = kv_scales(n, hd);
                 head::scores(qg, group, &kh.q[..n * hd], &kh.d[..nd], scale, sc);
                 sums.clear();
                 sums.extend(sc.chunks_exact_mut(n).map(head::softmax));
@@ -710,7 +720,7 @@ impl Model {
 /// through the same instructions whatever the number of keys or of heads computed
 /// together, so a query's result depends only on the query and the cache.
 mod head {
-    use super::kv_block;
+    use super::{kv_block, kv_rows};
 
     /// For each of the `heads` queries in `q` (rows of `d = q.len() / heads`) and each of
     /// the `n = out.len() / heads` rows of `k` (block scales `kd`, `d / kv_block(d)` per
@@ -719,12 +729,7 @@ mod head {
     pub fn scores(q: &[f32], heads: usize, k: &[i8], kd: &[f32], scale: f32, out: &mut [f32]) {
         let (d, n) = (q.len() / heads, out.len() / heads);
         let blk = kv_block(d);
-        assert!(
-            q.len() == heads * d
-                && out.len() == heads * n
-                && k.len() == n * d
-                && kd.len() == n * d / blk
-        );
+        assert!(q.len() == heads * d && out.len() == heads * n && kv_rows(k, kd, n, d));
         #[cfg(all(
             target_arch = "x86_64",
             target_feature = "avx2",
@@ -833,12 +838,7 @@ mod head {
     pub fn weighted_sum(w: &[f32], heads: usize, v: &[i8], vd: &[f32], out: &mut [f32]) {
         let (d, n) = (out.len() / heads, w.len() / heads);
         let blk = kv_block(d);
-        assert!(
-            out.len() == heads * d
-                && w.len() == heads * n
-                && v.len() == n * d
-                && vd.len() == n * d / blk
-        );
+        assert!(out.len() == heads * d && w.len() == heads * n && kv_rows(v, vd, n, d));
         #[cfg(all(
             target_arch = "x86_64",
             target_feature = "avx2",
