@@ -46,7 +46,10 @@ for _ in $(seq 1 120); do
   curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null && break
   sleep 1
 done
+# The server answers one request at a time, so a request waits behind the others in flight:
+# the per-request timeout must cover that queue (the default 60 s did not on a slower CPU).
 OPENAI_BASE_URL="http://127.0.0.1:$PORT/v1" OPENAI_API_KEY=unused OPENAI_MODEL="$MODEL" \
   ENRICHER_PROVIDERS__OPENAI__CONCURRENCY="$CONCURRENCY" \
+  ENRICHER_PROVIDERS__OPENAI__TIMEOUT_S="${SERVER_TIMEOUT_S:-600}" \
   run "llamacpp-server-c$CONCURRENCY" --provider openai --concurrency "$CONCURRENCY"
 echo "reports in $OUT"
