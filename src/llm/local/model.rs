@@ -150,6 +150,11 @@ impl Stream {
         }
     }
 
+    /// The quants and scales of the first `rows` rows (`width` values each).
+    fn rows(&self, rows: usize, width: usize) -> (&[i8], &[f32]) {
+        (&self.q[..rows * width], &self.d[..kv_scales(rows, width)])
+    }
+
     /// Keeps the first `rows` rows (`width` values each).
     fn truncate(&mut self, rows: usize, width: usize) {
         self.q.truncate(rows * width);
@@ -181,9 +186,12 @@ impl KvCache {
     /// A copy of the first `n` tokens (all of them when fewer are held).
     pub fn prefix(&self, n: usize) -> KvCache {
         let (rows, width) = (n.min(self.len), self.width());
-        let cut = |l: &Stream| Stream {
-            q: l.q[..rows * width].to_vec(),
-            d: l.d[..kv_scales(rows, width)].to_vec(),
+        let cut = |l: &Stream| {
+            let (q, d) = l.rows(rows, width);
+            Stream {
+                q: q.to_vec(),
+                d: d.to_vec(),
+            }
         };
         KvCache {
             k: self.k.iter().map(cut).collect(),
@@ -687,11 +695,12 @@ impl Model {
                 // The query heads of kv head `g` are contiguous in the row.
                 let qg = &q[i * dim + g * gw..i * dim + (g + 1) * gw];
                 let sc = &mut scores[..group * n];
-                let nd = kv_scales(n, hd);
-                head::scores(qg, group, &kh.q[..n * hd], &kh.d[..nd], scale, sc);
+                let (kq, kd) = kh.rows(n, hd);
+                head::scores(qg, group, kq, kd, scale, sc);
                 sums.clear();
                 sums.extend(sc.chunks_exact_mut(n).map(head::softmax));
-                head::weighted_sum(sc, group, &vh.q[..n * hd], &vh.d[..nd], o);
+                let (vq, vd) = vh.rows(n, hd);
+                head::weighted_sum(sc, group, vq, vd, o);
                 for (o, &sum) in o.chunks_exact_mut(hd).zip(&sums) {
                     let inv = 1.0 / sum;
                     for x in o.iter_mut() {
