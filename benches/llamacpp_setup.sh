@@ -7,7 +7,29 @@ MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
 "$VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null || {
   echo "installing llama-cpp-python[server] 0.3.36 (compiles llama.cpp once)..." >&2
-  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$VENV/bin/pip" install -q "llama-cpp-python[server]==0.3.36"
+  pip_args=()
+  # llama.cpp's native build turns on its AMX backend on CPUs with AMX (Sapphire Rapids and
+  # later); on such a CPU that build crashed (segmentation fault) loading this model. There,
+  # build for the CPU's vector features named one by one (AVX-512 VNNI included) without
+  # AMX; the wheel is then neither taken from nor put in pip's cache, which may hold a
+  # native one.
+  if [ -z "${CMAKE_ARGS:-}" ] && grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
+    flags="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+    for f in avx avx2 fma f16c bmi2 avx512f avx512vbmi avx512_vnni avx512_bf16 avx_vnni; do
+      on=OFF
+      grep -qw "$f" /proc/cpuinfo && on=ON
+      case $f in
+        avx512f) opt=AVX512 ;; avx512vbmi) opt=AVX512_VBMI ;; avx512_vnni) opt=AVX512_VNNI ;;
+        avx512_bf16) opt=AVX512_BF16 ;; *) opt=$(echo "$f" | tr a-z A-Z) ;;
+      esac
+      flags="$flags -DGGML_$opt=$on"
+    done
+    export CMAKE_ARGS="$flags"
+    pip_args+=(--no-cache-dir)
+    echo "this CPU has AMX: building llama.cpp without it ($CMAKE_ARGS)" >&2
+  fi
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$VENV/bin/pip" install -q "${pip_args[@]}" \
+    "llama-cpp-python[server]==0.3.36"
 }
 cargo build --release -q
 BIN="${CARGO_TARGET_DIR:-target}/release/enricher"
