@@ -109,7 +109,6 @@ fn wdc_reference_titles_stay_within_the_measured_flag_rate() {
 /// Real, messy human copy through check -> repair -> check on every channel: no panic, no new
 /// number, and what repair keeps is grounded.
 #[test]
-#[ignore = "slow in debug builds; run with --ignored"]
 fn repair_real_copy_end_to_end() {
     use super::{check, has_errors, repair, FieldValue, Fields};
     let channels =
