@@ -15,14 +15,12 @@ if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
   # native one.
   if [ -z "${CMAKE_ARGS:-}" ] && grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
     flags="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
-    for f in avx avx2 fma f16c bmi2 avx512f avx512vbmi avx512_vnni avx512_bf16 avx_vnni; do
+    # cpuinfo flag:ggml option
+    for f in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx512f:AVX512 \
+      avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
       on=OFF
-      grep -qw "$f" /proc/cpuinfo && on=ON
-      case $f in
-        avx512f) opt=AVX512 ;; avx512vbmi) opt=AVX512_VBMI ;; avx512_vnni) opt=AVX512_VNNI ;;
-        avx512_bf16) opt=AVX512_BF16 ;; *) opt=$(echo "$f" | tr a-z A-Z) ;;
-      esac
-      flags="$flags -DGGML_$opt=$on"
+      grep -qw "${f%%:*}" /proc/cpuinfo && on=ON
+      flags="$flags -DGGML_${f#*:}=$on"
     done
     export CMAKE_ARGS="$flags"
     pip_args+=(--no-cache-dir)
